@@ -1,0 +1,87 @@
+"""The training objective: PixCell's IDDPM noise schedule, epsilon or v targets, optional min-SNR-gamma weighting.
+
+All randomness of a step (timestep, noise, posterior sample, condition dropout) is drawn per sample from a
+generator seeded by (seed, epoch, sample index), so a step's loss does not depend on how samples were batched,
+accumulated or spread over processes, and a resumed run draws exactly what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from pixcell_ext.seeding import generator_for
+
+
+@dataclass
+class StepRandomness:
+    timesteps: torch.Tensor  # [B] long
+    noise: torch.Tensor  # [B, C, H, W] diffusion noise
+    posterior_noise: torch.Tensor  # [B, C, H, W] for sampling the VAE posterior
+    drop: torch.Tensor  # [B] bool, replace the condition by the null embedding
+
+
+def draw_step_randomness(
+    sample_ids: torch.Tensor,
+    *,
+    seed: int,
+    epoch: int,
+    latent_shape: tuple[int, int, int],
+    num_train_timesteps: int,
+    cond_dropout: float,
+    device: torch.device,
+) -> StepRandomness:
+    timesteps, noise, posterior, drop = [], [], [], []
+    for sample_id in sample_ids.tolist():
+        generator = generator_for(seed, epoch, sample_id)
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
+        noise.append(torch.randn(latent_shape, generator=generator))
+        posterior.append(torch.randn(latent_shape, generator=generator))
+        drop.append(torch.rand(1, generator=generator) < cond_dropout)
+    return StepRandomness(
+        timesteps=torch.cat(timesteps).to(device),
+        noise=torch.stack(noise).to(device),
+        posterior_noise=torch.stack(posterior).to(device),
+        drop=torch.cat(drop).to(device),
+    )
+
+
+def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v targets (Hang et al. 2023)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    clipped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def diffusion_loss(
+    model_fn,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    randomness: StepRandomness,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """Mean loss over the batch. `model_fn(noisy, timesteps, drop)` returns the transformer output.
+
+    With learned variance (PixCell outputs 2C channels: [epsilon | variance]) the loss uses the epsilon half only,
+    as the authors' fine-tuning does.
+    """
+    noisy = scheduler.add_noise(latents, randomness.noise, randomness.timesteps)
+    prediction = model_fn(noisy, randomness.timesteps, randomness.drop)
+    prediction = prediction[:, : latents.shape[1]].float()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = randomness.noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, randomness.noise, randomness.timesteps)
+    else:
+        raise ValueError(f"Unsupported prediction_type '{prediction_type}' in the scheduler config.")
+    per_sample = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        per_sample = per_sample * snr_weights(scheduler, randomness.timesteps, snr_gamma)
+    return per_sample.mean()
