@@ -1,0 +1,395 @@
+"""Distribution metrics on feature matrices: Fréchet distance, KID, improved precision/recall.
+
+Everything here works on precomputed features of shape ``[N, D]`` (numpy arrays or torch tensors, any float or
+int dtype). No feature extractor is loaded in this module, so the same functions serve Inception, UNI2-h or any
+other embedding, and the caller decides which network the numbers refer to. A number from these functions is
+only comparable with another number computed on the same feature extractor, the same preprocessing and (for the
+Fréchet distance, whose finite-sample bias depends on N) the same number of images.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import Tensor
+
+ArrayLike = np.ndarray | Tensor
+
+__all__ = [
+    "FeatureStats",
+    "fd_sample_warning",
+    "frechet_distance",
+    "frechet_distance_from_stats",
+    "kernel_inception_distance",
+    "mean_pairwise",
+    "precision_recall",
+]
+
+
+def _as_float64_numpy(x: ArrayLike, name: str) -> np.ndarray:
+    """Return ``x`` as a 2-D float64 numpy array, with a clear error on bad shapes or non-finite values."""
+    if isinstance(x, Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a [N, D] feature matrix, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def _as_tensor(x: ArrayLike, name: str, dtype: torch.dtype, device: torch.device | str | None) -> Tensor:
+    """Return ``x`` as a 2-D tensor of ``dtype`` on ``device`` (checked like :func:`_as_float64_numpy`)."""
+    t = x.detach() if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be a [N, D] feature matrix, got shape {tuple(t.shape)}")
+    t = t.to(device=device if device is not None else t.device, dtype=dtype)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fréchet distance
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def fd_sample_warning(n: int, dim: int) -> str | None:
+    """Return a warning text when ``n`` samples cannot give a full-rank covariance in ``dim`` dimensions.
+
+    A sample covariance of ``n`` points has rank at most ``n - 1``, so it is singular whenever ``n <= dim``. The
+    Fréchet distance is then computed from a degenerate Gaussian: the value is strongly biased (upwards, and by
+    an amount that depends on ``n``) and cannot be compared with values computed on a different number of images,
+    nor with published numbers (FID on Inception features is conventionally reported on 10k-50k images for 2048-d
+    features). Below the threshold the distance is still well defined and this module still computes it; the
+    warning is there so that reports carry the caveat. Note that the Fréchet distance is biased for every finite
+    ``n`` (the bias shrinks roughly like 1/n), so even above the threshold only equal-``n`` comparisons are fair.
+    """
+    if n <= dim:
+        return (
+            f"Fréchet distance computed on {n} samples of {dim}-d features: the covariance is rank-deficient "
+            f"(rank <= {max(n - 1, 0)} < {dim}), so the value is strongly biased and only comparable with values "
+            f"computed on the same number of samples and the same features; use more than {dim} images "
+            f"(ideally several times more) or report KID, which is unbiased."
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Mean and covariance (float64) of a feature set: everything the Fréchet distance needs from one side.
+
+    Keeping these lets a class's real statistics be computed once (over e.g. 10k real tiles) and reused against
+    every synthetic set, and lets them be cached on disk with :meth:`save` / :meth:`load`.
+    """
+
+    mean: np.ndarray  # [D]
+    cov: np.ndarray  # [D, D], unbiased (ddof=1), the convention of the FID literature and of torchmetrics
+    n: int
+
+    @classmethod
+    def from_features(cls, features: ArrayLike) -> FeatureStats:
+        """Compute the statistics of a ``[N, D]`` feature matrix in float64 (N >= 2)."""
+        x = _as_float64_numpy(features, "features")
+        if x.shape[0] < 2:
+            raise ValueError(f"need at least 2 samples to estimate a covariance, got {x.shape[0]}")
+        mean = x.mean(axis=0)
+        centred = x - mean
+        # Centring before the product (rather than E[xx^T] - mu mu^T) avoids cancellation when the mean is large
+        # compared with the spread, which is common for post-activation features.
+        cov = centred.T @ centred / (x.shape[0] - 1)
+        return cls(mean=mean, cov=cov, n=int(x.shape[0]))
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    def save(self, path: str | Path) -> None:
+        """Write the statistics to an ``.npz`` file."""
+        np.savez(path, mean=self.mean, cov=self.cov, n=np.int64(self.n))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureStats:
+        """Read statistics written by :meth:`save`."""
+        with np.load(path) as data:
+            return cls(mean=data["mean"].astype(np.float64), cov=data["cov"].astype(np.float64), n=int(data["n"]))
+
+
+def _sqrtm_product_trace(cov1: np.ndarray, cov2: np.ndarray, *, eps: float, imag_tol: float) -> tuple[float, bool]:
+    """Return ``trace(sqrtm(cov1 @ cov2))`` and whether the eps fallback was needed.
+
+    ``cov1 @ cov2`` is not symmetric, but for PSD inputs it is similar to the PSD matrix
+    ``cov1^1/2 cov2 cov1^1/2``, so its eigenvalues are real and non-negative and its principal square root is real.
+    In floating point, near-zero eigenvalues can come out slightly negative or complex, which makes the Schur-based
+    ``sqrtm`` return small imaginary parts; these are discarded. When the product is (numerically) singular the
+    Schur method can fail outright (non-finite output); the usual remedy, kept here, is to add ``eps * I`` to both
+    covariances, which moves the result by O(eps * D). A large imaginary part means the inputs were not valid
+    covariances (or were badly conditioned beyond rescue) and is an error rather than something to hide.
+    """
+    dim = cov1.shape[0]
+    fallback = False
+    covmean = scipy.linalg.sqrtm(cov1 @ cov2)
+    if not np.isfinite(covmean).all():
+        fallback = True
+        offset = np.eye(dim) * eps
+        covmean = scipy.linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
+        if not np.isfinite(covmean).all():
+            raise FloatingPointError("matrix square root of the covariance product is not finite even with eps added")
+    if np.iscomplexobj(covmean):
+        # Tolerance relative to the average feature variance so that the check does not depend on feature scale
+        # (rescaling features by c scales covariances, covmean and its imaginary noise all by c^2).
+        scale = max((np.trace(cov1) + np.trace(cov2)) / (2 * dim), np.finfo(np.float64).tiny)
+        max_imag = float(np.max(np.abs(np.diagonal(covmean).imag)))
+        if max_imag > imag_tol * scale:
+            raise ValueError(
+                f"matrix square root has a large imaginary component ({max_imag:.3g}, relative "
+                f"{max_imag / scale:.3g} > {imag_tol}); the covariance matrices are probably not valid (PSD)"
+            )
+        covmean = covmean.real
+    return float(np.trace(covmean)), fallback
+
+
+def frechet_distance_from_stats(
+    real: FeatureStats, fake: FeatureStats, *, eps: float = 1e-6, imag_tol: float = 1e-3
+) -> float:
+    """Fréchet distance between the Gaussians N(mu_r, S_r) and N(mu_f, S_f) fitted to two feature sets.
+
+    d² = |mu_r - mu_f|² + tr(S_r + S_f - 2 (S_r S_f)^1/2), the closed form of the 2-Wasserstein distance between
+    Gaussians (Dowson & Landau), popularised as FID by Heusel et al. 2017. Like the FID literature this returns the
+    *squared* distance. The value is not clipped at zero: a tiny negative result (round-off, |value| ~ 1e-10 of
+    the feature variance) can occur for identical sets.
+    """
+    if real.dim != fake.dim:
+        raise ValueError(f"feature dimensions differ: real {real.dim}, fake {fake.dim}")
+    diff = real.mean - fake.mean
+    tr_covmean, fallback = _sqrtm_product_trace(real.cov, fake.cov, eps=eps, imag_tol=imag_tol)
+    if fallback:
+        warnings.warn(
+            f"covariance product is singular; added {eps} to the covariance diagonals before the matrix square root",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return float(diff @ diff + np.trace(real.cov) + np.trace(fake.cov) - 2.0 * tr_covmean)
+
+
+def frechet_distance(
+    real: ArrayLike | FeatureStats,
+    fake: ArrayLike | FeatureStats,
+    *,
+    eps: float = 1e-6,
+    imag_tol: float = 1e-3,
+) -> float:
+    """Fréchet distance (FID when the features are Inception pool features) between two ``[N, D]`` feature sets.
+
+    Either side may be a precomputed :class:`FeatureStats`. All arithmetic is float64: in float32 the trace terms
+    (sums of D variances) and the matrix square root lose several digits, and for D = 1536-2048 that error is of
+    the same order as the differences between good models. See :func:`fd_sample_warning` for the sample-size caveat
+    (call it yourself for reports; this function only computes).
+    """
+    real_stats = real if isinstance(real, FeatureStats) else FeatureStats.from_features(real)
+    fake_stats = fake if isinstance(fake, FeatureStats) else FeatureStats.from_features(fake)
+    return frechet_distance_from_stats(real_stats, fake_stats, eps=eps, imag_tol=imag_tol)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel Inception Distance
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _polynomial_mmd2_unbiased(x: Tensor, y: Tensor) -> Tensor:
+    """Unbiased estimate of MMD² between samples ``x`` [m, d] and ``y`` [n, d] with k(a, b) = (a·b / d + 1)³.
+
+    The within-set terms drop the diagonal (k(x_i, x_i) is not an independent pair), which is what makes the
+    estimator unbiased; the cross term uses every pair. For m = n this is the estimator of Bińkowski et al. 2018
+    ("Demystifying MMD GANs"), the definition of KID.
+    """
+    m, n, d = x.shape[0], y.shape[0], x.shape[1]
+    k_xx = (x @ x.T / d + 1.0) ** 3
+    k_yy = (y @ y.T / d + 1.0) ** 3
+    k_xy = (x @ y.T / d + 1.0) ** 3
+    sum_xx = k_xx.sum() - torch.diagonal(k_xx).sum()
+    sum_yy = k_yy.sum() - torch.diagonal(k_yy).sum()
+    return sum_xx / (m * (m - 1)) + sum_yy / (n * (n - 1)) - 2.0 * k_xy.sum() / (m * n)
+
+
+def kernel_inception_distance(
+    real: ArrayLike,
+    fake: ArrayLike,
+    *,
+    subset_size: int | None = None,
+    num_subsets: int = 100,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[float, float]:
+    """KID: unbiased MMD² with the cubic polynomial kernel, averaged over random subsets; returns (mean, std).
+
+    Why KID next to FD: its estimator is unbiased, so its expected value does not depend on the number of images,
+    and it makes no Gaussian assumption. That makes it the usable distance for small per-class sets (a few hundred
+    tiles of a rare class), where the Fréchet distance is dominated by its finite-sample bias.
+
+    Each subset draws ``subset_size`` real and ``subset_size`` fake rows without replacement (rows may recur across
+    subsets), as in the reference implementation of Bińkowski et al. and in torchmetrics. ``std`` is the
+    population standard deviation of the per-subset estimates (torchmetrics' convention): it describes the spread
+    of a single subset estimate, not the standard error of the mean. The default subset size is
+    ``min(1000, n_real, n_fake)`` so that small sets still work. Sampling uses a numpy generator seeded by ``seed``
+    (the global RNGs are untouched), so results are reproducible. Computed in float64 on ``device`` (CPU default).
+    """
+    x = _as_tensor(real, "real", torch.float64, device)
+    y = _as_tensor(fake, "fake", torch.float64, device)
+    n_real, n_fake = x.shape[0], y.shape[0]
+    if n_real < 2 or n_fake < 2:
+        raise ValueError(f"KID needs at least 2 samples in each set, got real={n_real}, fake={n_fake}")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dimensions differ: real {x.shape[1]}, fake {y.shape[1]}")
+    if subset_size is None:
+        subset_size = min(1000, n_real, n_fake)
+    if not 2 <= subset_size <= min(n_real, n_fake):
+        raise ValueError(
+            f"subset_size must be in [2, min(n_real, n_fake)] = [2, {min(n_real, n_fake)}], got {subset_size}"
+        )
+    if num_subsets < 1:
+        raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
+
+    rng = np.random.default_rng(seed)
+    scores = np.empty(num_subsets, dtype=np.float64)
+    for i in range(num_subsets):
+        idx_r = torch.from_numpy(rng.choice(n_real, size=subset_size, replace=False)).to(x.device)
+        idx_f = torch.from_numpy(rng.choice(n_fake, size=subset_size, replace=False)).to(y.device)
+        scores[i] = float(_polynomial_mmd2_unbiased(x[idx_r], y[idx_f]))
+    return float(scores.mean()), float(scores.std())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Improved precision / recall
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _squared_distances(a: Tensor, b: Tensor, b_sq: Tensor) -> Tensor:
+    """Squared Euclidean distances between rows of ``a`` [p, d] and ``b`` [q, d] via the matmul expansion."""
+    a_sq = (a * a).sum(dim=1, keepdim=True)
+    return (a_sq + b_sq.unsqueeze(0) - 2.0 * (a @ b.T)).clamp_min_(0.0)
+
+
+def _knn_radii_sq(x: Tensor, k: int, batch_size: int) -> Tensor:
+    """Squared distance from every row of ``x`` to its k-th nearest *other* row of ``x``."""
+    x_sq = (x * x).sum(dim=1)
+    radii = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[0], batch_size):
+        d2 = _squared_distances(x[start : start + batch_size], x, x_sq)
+        # k + 1 smallest: the first is the point itself (distance 0), so entry k is the k-th true neighbour.
+        radii[start : start + batch_size] = torch.topk(d2, k + 1, dim=1, largest=False).values[:, k]
+    return radii
+
+
+def _fraction_inside(queries: Tensor, support: Tensor, support_radii_sq: Tensor, batch_size: int) -> float:
+    """Fraction of ``queries`` lying in the union of balls centred on ``support`` with the given squared radii."""
+    support_sq = (support * support).sum(dim=1)
+    inside = 0
+    for start in range(0, queries.shape[0], batch_size):
+        d2 = _squared_distances(queries[start : start + batch_size], support, support_sq)
+        inside += int((d2 <= support_radii_sq.unsqueeze(0)).any(dim=1).sum())
+    return inside / queries.shape[0]
+
+
+def precision_recall(
+    real: ArrayLike,
+    fake: ArrayLike,
+    *,
+    k: int = 3,
+    batch_size: int = 1024,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019); returns (precision, recall) in [0, 1].
+
+    Each set's manifold is approximated by the union of balls around its samples, each ball's radius being the
+    distance to that sample's k-th nearest neighbour within the same set (k = 3 is the paper's default). Precision is
+    the fraction of fake samples inside the real manifold (fidelity: how many generated images look like some real
+    ones); recall is the fraction of real samples inside the fake manifold (coverage: how much of the real variety
+    the generator reaches). Unlike FD/KID, the two numbers separate "bad images" from "missing modes".
+
+    Distances are computed batch by batch against the full other set, so memory is O(batch_size * N) and 10k x 10k
+    sets in 1-2k dimensions fit easily on CPU or GPU. Radii and distances use the same squared-distance routine,
+    so a sample identical to a support point is always counted as inside. The radii depend on the sample size, so
+    compare precision/recall only across equal set sizes (the paper uses equally many real and fake samples).
+    ``float32`` is accurate enough here (only comparisons between distances matter); pass ``torch.float64`` if
+    features have a huge offset relative to their spread.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    x = _as_tensor(real, "real", dtype, device)
+    y = _as_tensor(fake, "fake", dtype, device)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dimensions differ: real {x.shape[1]}, fake {y.shape[1]}")
+    if min(x.shape[0], y.shape[0]) <= k:
+        raise ValueError(f"each set needs more than k={k} samples, got real={x.shape[0]}, fake={y.shape[0]}")
+    # Centre both sets on the real mean: distances are unchanged, and the matmul expansion loses less precision.
+    centre = x.mean(dim=0, keepdim=True)
+    x, y = x - centre, y - centre
+    with torch.no_grad():
+        precision = _fraction_inside(y, x, _knn_radii_sq(x, k, batch_size), batch_size)
+        recall = _fraction_inside(x, y, _knn_radii_sq(y, k, batch_size), batch_size)
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairwise-distance diversity (e.g. LPIPS diversity; the distance model itself lives elsewhere)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mean_pairwise(
+    distance_fn: Callable[[Any, Any], Tensor | np.ndarray | Sequence[float]],
+    items: Tensor | Sequence[Any],
+    *,
+    max_pairs: int = 1000,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Mean and standard deviation of ``distance_fn`` over distinct pairs of ``items``; returns (mean, std).
+
+    Used for within-set diversity (mean LPIPS between pairs of generated images of one class: a collapsed generator
+    scores near 0). ``distance_fn(a, b)`` receives two equally long batches (tensors stacked from ``items`` when
+    ``items`` is a tensor, lists otherwise) and returns one distance per pair. If there are at most ``max_pairs``
+    distinct unordered pairs, all of them are used (exact); otherwise ``max_pairs`` distinct pairs are sampled
+    uniformly without replacement with a seeded generator, so the estimate is unbiased and reproducible. Identical
+    pairs (i, i) are never used, because they would pull the diversity towards zero.
+    """
+    n = len(items)
+    if n < 2:
+        raise ValueError(f"need at least 2 items for pairwise distances, got {n}")
+    if max_pairs < 1:
+        raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
+    total = n * (n - 1) // 2
+    if total <= max_pairs:
+        ii, jj = np.triu_indices(n, k=1)
+    else:
+        rng = np.random.default_rng(seed)
+        # Sample linear indices of the strict upper triangle, then map them back to (i, j).
+        lin = np.sort(rng.choice(total, size=max_pairs, replace=False))
+        # Row i starts at offset i*n - i*(i+1)/2 in the row-major strict upper triangle.
+        ii = (n - 2 - np.floor(np.sqrt(-8 * lin + 4 * n * (n - 1) - 7) / 2.0 - 0.5)).astype(np.int64)
+        jj = (lin + ii + 1 - n * (n - 1) // 2 + (n - ii) * ((n - ii) - 1) // 2).astype(np.int64)
+
+    values: list[np.ndarray] = []
+    for start in range(0, len(ii), batch_size):
+        bi, bj = ii[start : start + batch_size], jj[start : start + batch_size]
+        if isinstance(items, Tensor):
+            a, b = items[torch.from_numpy(bi)], items[torch.from_numpy(bj)]
+        else:
+            a, b = [items[i] for i in bi], [items[j] for j in bj]
+        out = distance_fn(a, b)
+        if isinstance(out, Tensor):
+            out = out.detach().to("cpu", torch.float64).numpy()
+        out = np.asarray(out, dtype=np.float64).reshape(-1)
+        if out.shape[0] != len(bi):
+            raise ValueError(f"distance_fn returned {out.shape[0]} values for {len(bi)} pairs")
+        values.append(out)
+    all_values = np.concatenate(values)
+    return float(all_values.mean()), float(all_values.std())
