@@ -22,6 +22,7 @@ class StepRandomness:
     noise: torch.Tensor  # [B, C, H, W] diffusion noise
     posterior_noise: torch.Tensor  # [B, C, H, W] for sampling the VAE posterior
     drop: torch.Tensor  # [B] bool, replace the condition by the null embedding
+    augment_codes: torch.Tensor  # [B] in 0..7, a dihedral transform (used only with --augment)
 
 
 def draw_step_randomness(
@@ -34,18 +35,20 @@ def draw_step_randomness(
     cond_dropout: float,
     device: torch.device,
 ) -> StepRandomness:
-    timesteps, noise, posterior, drop = [], [], [], []
+    timesteps, noise, posterior, drop, augment = [], [], [], [], []
     for sample_id in sample_ids.tolist():
         generator = generator_for(seed, epoch, sample_id)
         timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
         noise.append(torch.randn(latent_shape, generator=generator))
         posterior.append(torch.randn(latent_shape, generator=generator))
         drop.append(torch.rand(1, generator=generator) < cond_dropout)
+        augment.append(torch.randint(0, 8, (1,), generator=generator))
     return StepRandomness(
         timesteps=torch.cat(timesteps).to(device),
         noise=torch.stack(noise).to(device),
         posterior_noise=torch.stack(posterior).to(device),
         drop=torch.cat(drop).to(device),
+        augment_codes=torch.cat(augment),
     )
 
 
@@ -60,19 +63,20 @@ def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float)
 
 
 def diffusion_loss(
-    model_fn,
+    model: torch.nn.Module,
     scheduler: DDPMScheduler,
     latents: torch.Tensor,
+    uni_embedding: torch.Tensor,
     randomness: StepRandomness,
     snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """Mean loss over the batch. `model_fn(noisy, timesteps, drop)` returns the transformer output.
+    """Mean loss over the batch; `model` is an `AdaptedPixCell` (possibly wrapped by DDP).
 
     With learned variance (PixCell outputs 2C channels: [epsilon | variance]) the loss uses the epsilon half only,
     as the authors' fine-tuning does.
     """
     noisy = scheduler.add_noise(latents, randomness.noise, randomness.timesteps)
-    prediction = model_fn(noisy, randomness.timesteps, randomness.drop)
+    prediction = model(noisy, randomness.timesteps, uni_embedding, randomness.drop)
     prediction = prediction[:, : latents.shape[1]].float()
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":

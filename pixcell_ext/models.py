@@ -282,16 +282,21 @@ def encode_latent_distribution(vae: AutoencoderKL, images: torch.Tensor) -> tupl
     return dist.mean.float(), dist.std.float()
 
 
-def sample_latents(
-    vae_config, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """A posterior sample in PixCell's latent space: `(z - shift_factor) * scaling_factor`."""
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return (mean + std * noise - vae_config.shift_factor) * vae_config.scaling_factor
+def posterior_latents(vae_config, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """A posterior sample in PixCell's latent space, `(mean + std * noise - shift_factor) * scaling_factor`.
+
+    The noise is the caller's, so that training draws it per sample (see `diffusion.draw_step_randomness`).
+    """
+    return (mean.float() + std.float() * noise.float() - vae_config.shift_factor) * vae_config.scaling_factor
+
+
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent cell: 8 for the SD3.5 VAE."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] from PixCell latents (the inverse of the shift and scale in `sample_latents`)."""
+    """Images in [-1, 1] from PixCell latents (the inverse of `posterior_latents`)."""
     raw = latents / vae.config.scaling_factor + vae.config.shift_factor
     return vae.decode(raw.to(vae.dtype)).sample.float().clamp(-1, 1)
 

@@ -40,12 +40,21 @@ def tiny_stack_paths(root: str | os.PathLike) -> TinyStack:
 
 
 def _write_atomically(target: Path, writer) -> None:
-    """Build a folder under a temporary name and rename it, so a killed write never leaves a folder that looks done."""
-    tmp = target.with_name(target.name + ".partial")
+    """Build a folder under a temporary name and rename it, so a killed write never leaves a folder that looks done.
+
+    Several processes of one launch may race to write the same folder: the first rename wins, the others discard
+    their copy.
+    """
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     writer(tmp)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(tmp)
 
 
 def _write_pixcell(folder: Path) -> None:
@@ -137,9 +146,9 @@ def write_tiny_dataset(folder: str | os.PathLike, images_per_class: int = 4, siz
 def write_tiny_stack(root: str | os.PathLike, seed: int = 0) -> TinyStack:
     """Write (once) every tiny model and the tiny dataset under `root`; existing complete parts are kept."""
     paths = tiny_stack_paths(root)
-    torch.manual_seed(seed)
     for target, writer in ((paths.pixcell, _write_pixcell), (paths.vae, _write_vae), (paths.uni, _write_uni)):
         if not target.exists():
+            torch.manual_seed(seed)
             _write_atomically(target, writer)
     write_tiny_dataset(paths.data, seed=seed)
     return paths

@@ -1,0 +1,181 @@
+"""Frozen-model features of a tile: computed on the fly, or once into a content-addressed cache.
+
+The cache stores the VAE posterior's mean and std (the sample is drawn at load time, as the authors' own cache does)
+and the UNI2-h embedding. Each entry is keyed by the SHA-256 of the image file's bytes, the identities of the VAE and
+UNI models and the resolution, so an edited image or a different model never reuses a stale feature. Entries live in
+safetensors shards; every shard is written under a temporary name and renamed, so a killed run loses at most the
+shard in progress and never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from pixcell_ext.data import ImageFolderIndex, TileDataset, dihedral, file_digest, vae_input
+from pixcell_ext.models import AutoencoderKL, UNIEncoder, encode_latent_distribution, posterior_latents
+
+SHARD_ROWS = 1024
+
+
+def model_identity(name_or_path: str) -> str:
+    """A hub id as given, or a local folder/file by the names, sizes and mtimes of its files (cheap, and changes
+    whenever the weights are rewritten)."""
+    path = Path(name_or_path.removeprefix("local-dir:"))
+    if not path.exists():
+        return name_or_path
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stats = [(str(p.relative_to(path.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
+def entry_keys(digests: list[str], vae_identity: str, uni_identity: str, resolution: int) -> list[str]:
+    return [hashlib.sha256(f"{d}|{vae_identity}|{uni_identity}|{resolution}".encode()).hexdigest() for d in digests]
+
+
+class FeatureCache:
+    """A folder of safetensors shards; `rows` maps an entry key to (shard file, row)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.rows: dict[str, tuple[str, int]] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        for shard in sorted(self.directory.glob("shard-*.safetensors")):
+            with safe_open(str(shard), framework="pt") as handle:
+                keys = json.loads(handle.metadata()["keys"])
+            for row, key in enumerate(keys):
+                self.rows.setdefault(key, (shard.name, row))
+
+    def write_shard(self, keys: list[str], mean: torch.Tensor, std: torch.Tensor, uni: torch.Tensor) -> None:
+        name = f"shard-{uuid.uuid4().hex}.safetensors"
+        tmp = self.directory / f".{name}.tmp"
+        tensors = {"latent_mean": mean, "latent_std": std, "uni_embedding": uni}
+        tensors = {k: v.float().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, tmp, metadata={"keys": json.dumps(keys)})
+        os.replace(tmp, self.directory / name)
+
+
+class CachedFeatureDataset(Dataset):
+    """The cached features of an image folder, in the folder's order; shards are memory-mapped per worker."""
+
+    def __init__(self, index: ImageFolderIndex, keys: list[str], cache: FeatureCache):
+        self.labels = [record.label for record in index.records]
+        self.locations = [cache.rows[key] for key in keys]
+        self.directory = cache.directory
+        self._handles: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, i: int) -> dict:
+        shard, row = self.locations[i]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.directory / shard), framework="pt")
+        handle = self._handles[shard]
+        item = {name: handle.get_slice(name)[row] for name in ("latent_mean", "latent_std", "uni_embedding")}
+        return {"index": i, "label": self.labels[i], **item}
+
+
+@torch.no_grad()
+def build_feature_cache(
+    accelerator: Accelerator,
+    index: ImageFolderIndex,
+    cache: FeatureCache,
+    *,
+    vae_identity: str,
+    uni_identity: str,
+    resolution: int,
+    load_encoders,
+    batch_size: int,
+    num_workers: int = 0,
+) -> list[str]:
+    """Fill the cache for every image of `index`, the missing entries split across processes; returns the keys.
+
+    `load_encoders()` returns (vae, uni) on the device and is called only when something is missing.
+    """
+    paths = [record.path for record in index.records]
+    mine = list(range(accelerator.process_index, len(paths), accelerator.num_processes))
+    hashing = tqdm(mine, desc="hashing tiles", disable=not accelerator.is_main_process)
+    digests = {i: file_digest(paths[i]) for i in hashing}
+    gathered: dict[int, str] = {}
+    for part in _gather_object(accelerator, digests):
+        gathered.update(part)
+    keys = entry_keys([gathered[i] for i in range(len(paths))], vae_identity, uni_identity, resolution)
+    missing = sorted({key: i for i, key in enumerate(keys) if key not in cache.rows}.values())
+    if missing:
+        vae, uni = load_encoders()
+        _encode_into_cache(accelerator, index, keys, missing, cache, vae, uni, resolution, batch_size, num_workers)
+        del vae, uni
+    accelerator.wait_for_everyone()
+    cache.refresh()
+    return keys
+
+
+def _gather_object(accelerator: Accelerator, obj) -> list:
+    from accelerate.utils import gather_object
+
+    return gather_object([obj]) if accelerator.num_processes > 1 else [obj]
+
+
+def _encode_into_cache(accelerator, index, keys, missing, cache, vae, uni, resolution, batch_size, num_workers):
+    mine = missing[accelerator.process_index :: accelerator.num_processes]
+    loader = DataLoader(Subset(TileDataset(index, resolution), mine), batch_size=batch_size, num_workers=num_workers)
+    pending: dict[str, list] = {"keys": [], "mean": [], "std": [], "uni": []}
+    progress = tqdm(total=len(missing), desc="caching features", disable=not accelerator.is_main_process)
+    for batch in loader:
+        mean, std = encode_latent_distribution(vae, vae_input(batch["vae_pixels"].to(accelerator.device)))
+        pending["keys"].extend(keys[i] for i in batch["index"].tolist())
+        pending["mean"].append(mean.cpu())
+        pending["std"].append(std.cpu())
+        pending["uni"].append(uni(batch["uni_pixels"].to(accelerator.device)).squeeze(1).float().cpu())
+        progress.update(len(batch["index"]) * accelerator.num_processes)
+        if len(pending["keys"]) >= SHARD_ROWS:
+            _flush(cache, pending)
+    if pending["keys"]:
+        _flush(cache, pending)
+    progress.close()
+
+
+def _flush(cache: FeatureCache, pending: dict) -> None:
+    cache.write_shard(pending["keys"], torch.cat(pending["mean"]), torch.cat(pending["std"]), torch.cat(pending["uni"]))
+    for values in pending.values():
+        values.clear()
+
+
+@torch.no_grad()
+def batch_features(
+    batch: dict,
+    *,
+    vae: AutoencoderKL | None,
+    uni: UNIEncoder | None,
+    vae_config,
+    posterior_noise: torch.Tensor,
+    augment_codes: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, UNI embedding [B, 1, C]) of a batch, from the cache when it carries features, else computed.
+
+    The posterior sample uses the step's own noise, so cached and on-the-fly training draw the same latents.
+    """
+    if "uni_embedding" in batch:
+        mean, std, embedding = batch["latent_mean"], batch["latent_std"], batch["uni_embedding"].unsqueeze(1)
+    else:
+        uni_pixels, vae_pixels = batch["uni_pixels"], batch["vae_pixels"]
+        if augment_codes is not None:
+            uni_pixels = torch.stack([dihedral(p, c) for p, c in zip(uni_pixels, augment_codes.tolist(), strict=True)])
+            vae_pixels = torch.stack([dihedral(p, c) for p, c in zip(vae_pixels, augment_codes.tolist(), strict=True)])
+        embedding = uni(uni_pixels)
+        mean, std = encode_latent_distribution(vae, vae_input(vae_pixels))
+    return posterior_latents(vae_config, mean, std, posterior_noise), embedding.float()

@@ -1,0 +1,350 @@
+"""Adapt PixCell-256 to a class-folder histology dataset: a UNI2-h -> PixCell adapter plus LoRA in the transformer.
+
+    accelerate launch train_adapter_lora.py --train_data_dir NCT-CRC-HE-100K --output_dir runs/nct
+    python train_adapter_lora.py --preset tiny          # offline, random tiny models, a minute on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pixcell_ext import artifacts, checkpointing, data, diffusion, features, models, presets, validation
+from pixcell_ext.adapter import AdapterConfig, UNIAdapter
+from pixcell_ext.conditioning import AdaptedPixCell
+from pixcell_ext.lora import DEFAULT_TARGET_MODULES, LoRAConfig, inject_lora, lora_parameters, parse_block_spec
+from pixcell_ext.runtime import check_process_group, make_optimizer, too_many_bad_steps_message, weight_dtype
+
+logger = get_logger(__name__)
+PRESETS = {"tiny": presets.tiny_training}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    presets.add_preset_arguments(parser, PRESETS)
+    group = parser.add_argument_group("models")
+    group.add_argument("--pretrained_model_name_or_path", default=models.PIXCELL_256_ID)
+    group.add_argument("--revision", default=None)
+    group.add_argument("--vae_name_or_path", default=models.SD35_VAE_ID, help="Folder or hub id holding vae/.")
+    group.add_argument("--uni_model_name_or_path", default=models.UNI2H_ID, help="hf-hub:id, a folder or a file.")
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_data_dir", default=None, help="One folder per class (.tif/.png/.jpg).")
+    group.add_argument("--dataset_name", default=None, help="A hub dataset with image and label columns.")
+    group.add_argument("--dataset_split", default="train")
+    group.add_argument("--image_column", default="image")
+    group.add_argument("--label_column", default="label")
+    group.add_argument("--classes", nargs="+", default=None, help="Train on these class folders only.")
+    group.add_argument("--resolution", type=int, default=None, help="VAE input size; default: the checkpoint's.")
+    group.add_argument("--class_balanced", action="store_true", help="Sample every class equally often.")
+    group.add_argument("--augment", action="store_true", help="Random dihedral flips/rotations (on-the-fly only).")
+    group.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
+    group.add_argument("--feature_cache", default=None, help="Cache VAE/UNI2-h features here and train from it.")
+    group.add_argument("--dataloader_num_workers", type=int, default=2)
+    group = parser.add_argument_group("adapter and LoRA")
+    group.add_argument("--adapter_tokens", type=int, default=1)
+    group.add_argument("--adapter_hidden_dim", type=int, default=1024)
+    group.add_argument("--lora_rank", type=int, default=16)
+    group.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank (scale 1).")
+    group.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_TARGET_MODULES))
+    group.add_argument("--lora_blocks", default="all", help="Transformer blocks with LoRA, e.g. 'all', '0-13'.")
+    group.add_argument("--lora_dropout", type=float, default=0.0)
+    group.add_argument("--use_rslora", action="store_true")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--train_batch_size", type=int, default=16, help="Per process.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--num_train_epochs", type=int, default=1)
+    group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument("--lr_scheduler", default="constant_with_warmup")
+    group.add_argument("--lr_warmup_steps", type=int, default=100, help="In optimiser updates.")
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--cond_dropout", type=float, default=0.1, help="Probability of the null condition.")
+    group.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-gamma weighting, e.g. 5.0.")
+    group.add_argument("--max_bad_steps", type=int, default=10, help="Stop after this many non-finite in a row.")
+    group = parser.add_argument_group("speed and memory")
+    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--enable_vae_slicing", action="store_true")
+    group.add_argument("--enable_vae_tiling", action="store_true")
+    group.add_argument("--allow_tf32", action="store_true")
+    group = parser.add_argument_group("outputs")
+    group.add_argument("--output_dir", default="outputs/pixcell-adapter-lora")
+    group.add_argument("--logging_dir", default="logs", help="Under --output_dir.")
+    group.add_argument("--report_to", default="tensorboard")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    group.add_argument("--validation_steps", type=int, default=500)
+    group.add_argument("--num_validation_inference_steps", type=int, default=20)
+    group.add_argument("--validation_guidance_scale", type=float, default=2.0)
+    args = presets.parse_with_preset(parser, argv, PRESETS)
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        parser.error("Give exactly one of --train_data_dir or --dataset_name (or --preset tiny).")
+    if args.augment and args.feature_cache:
+        parser.error(
+            "--augment cannot be combined with --feature_cache: cached features are of the unrotated tile. "
+            "Drop --augment, or train on the fly without --feature_cache."
+        )
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    check_process_group(accelerator)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # Data first: a bad folder should fail in seconds, not after loading 1.3 B parameters.
+    if args.dataset_name:
+        args.train_data_dir = data.export_hub_dataset(accelerator, args, output_dir / "hub_dataset")
+    index = data.scan_image_folder(args.train_data_dir, classes=args.classes, skip_bad_images=args.skip_bad_images)
+    logger.info(f"Data: {len(index.records)} tiles in {len(index.class_names)} classes {index.counts()}")
+    if index.skipped:
+        logger.warning(f"Skipped {len(index.skipped)} unreadable images (listed above).")
+
+    dtype = weight_dtype(accelerator)
+    use_cache = args.feature_cache is not None
+    stack = models.load_pixcell_stack(
+        args.pretrained_model_name_or_path,
+        args.vae_name_or_path,
+        args.uni_model_name_or_path,
+        dtype=dtype,
+        device=accelerator.device,
+        with_uni=not use_cache,
+        revision=args.revision,
+    )
+    transformer, vae, uni = stack.transformer, stack.vae, stack.uni
+    resolution = args.resolution or transformer.config.sample_size * models.vae_scale_factor(vae)
+    if use_cache:
+        vae.encoder = None  # only the decoder is needed, for validation panels
+    if args.enable_vae_slicing:
+        vae.enable_slicing()
+    if args.enable_vae_tiling:
+        vae.enable_tiling()
+    logger.info(
+        f"Loaded PixCell from {args.pretrained_model_name_or_path}, VAE from {args.vae_name_or_path}"
+        + ("" if use_cache else f", UNI2-h from {args.uni_model_name_or_path}")
+        + f"; frozen models in {dtype}, resolution {resolution} px"
+    )
+
+    lora_config = LoRAConfig(
+        rank=args.lora_rank,
+        alpha=args.lora_alpha or args.lora_rank,
+        target_modules=tuple(args.lora_targets),
+        blocks=None if args.lora_blocks == "all" else parse_block_spec(args.lora_blocks, transformer.config.num_layers),
+        dropout=args.lora_dropout,
+        use_rslora=args.use_rslora,
+    )
+    inject_lora(transformer, lora_config)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    adapter = UNIAdapter(
+        AdapterConfig(transformer.config.caption_channels, args.adapter_tokens, args.adapter_hidden_dim)
+    ).to(accelerator.device)
+    model = AdaptedPixCell(transformer, adapter)
+    trainable = [*adapter.parameters(), *lora_parameters(transformer)]
+    logger.info(
+        f"Trainable: adapter {sum(p.numel() for p in adapter.parameters()):,} + LoRA "
+        f"{sum(p.numel() for p in lora_parameters(transformer)):,} parameters; frozen transformer "
+        f"{sum(p.numel() for p in transformer.parameters() if not p.requires_grad):,}"
+    )
+
+    if use_cache:
+        cache = features.FeatureCache(args.feature_cache)
+        keys = features.build_feature_cache(
+            accelerator,
+            index,
+            cache,
+            vae_identity=features.model_identity(args.vae_name_or_path),
+            uni_identity=features.model_identity(args.uni_model_name_or_path),
+            resolution=resolution,
+            load_encoders=lambda: (
+                models.load_vae(args.vae_name_or_path, dtype=dtype).to(accelerator.device),
+                models.load_uni(args.uni_model_name_or_path, dtype=dtype).to(accelerator.device),
+            ),
+            batch_size=args.train_batch_size,
+            num_workers=args.dataloader_num_workers,
+        )
+        dataset = features.CachedFeatureDataset(index, keys, cache)
+    else:
+        dataset = data.TileDataset(index, resolution)
+    sampler = data.EpochSampler([r.label for r in index.records], args.seed, class_balanced=args.class_balanced)
+    train_dataloader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        num_workers=args.dataloader_num_workers,
+        persistent_workers=args.dataloader_num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+    optimizer = make_optimizer(
+        trainable,
+        use_8bit=args.use_8bit_adam,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    # Stepped by us once per optimiser update, so warm-up and decay are in updates for any number of processes.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
+    )
+    accelerator.register_for_checkpointing(lr_scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    accelerator.register_save_state_pre_hook(artifacts.checkpoint_save_hook(accelerator, lora_config))
+    accelerator.register_load_state_pre_hook(artifacts.checkpoint_load_hook(accelerator))
+
+    noise_scheduler = models.training_scheduler(stack.scheduler_config)
+    validation_ids = validation.first_tile_per_class(index)
+    validation_embeddings = validation.reference_embeddings(dataset, validation_ids, uni, accelerator.device)
+    validation_references = validation.reference_tiles(index, validation_ids, resolution)
+
+    progress = checkpointing.TrainingProgress()
+    checkpoint = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        progress = checkpointing.load_checkpoint(accelerator, checkpoint)
+        logger.info(f"Resumed from {checkpoint}: step {progress.global_step}, epoch {progress.epoch}")
+    elif args.resume_from_checkpoint:
+        logger.info(f"No checkpoint in {output_dir} yet: starting a new run.")
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("pixcell_adapter_lora", config=artifacts.loggable_config(args))
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"Training: {accelerator.num_processes} process(es), {args.train_batch_size} per process x "
+        f"{args.gradient_accumulation_steps} accumulation = {total_batch} tiles per update; "
+        f"{max_train_steps} updates over {num_epochs} epoch(s) of {updates_per_epoch}"
+    )
+    progress_bar = tqdm(
+        total=max_train_steps,
+        initial=progress.global_step,
+        desc="steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    latent_size = resolution // models.vae_scale_factor(vae)
+    latent_shape = (transformer.config.in_channels, latent_size, latent_size)
+    window_is_bad, bad_in_a_row = False, 0
+
+    for epoch in range(progress.epoch, num_epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        skip = progress.batches_in_epoch if epoch == progress.epoch else 0
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        progress.epoch, progress.batches_in_epoch = epoch, skip
+        for batch in batches:
+            progress.batches_in_epoch += 1
+            with accelerator.accumulate(model):
+                randomness = diffusion.draw_step_randomness(
+                    batch["index"],
+                    seed=args.seed,
+                    epoch=epoch,
+                    latent_shape=latent_shape,
+                    num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+                    cond_dropout=args.cond_dropout,
+                    device=accelerator.device,
+                )
+                latents, embedding = features.batch_features(
+                    batch,
+                    vae=vae,
+                    uni=uni,
+                    vae_config=vae.config,
+                    posterior_noise=randomness.posterior_noise,
+                    augment_codes=randomness.augment_codes if args.augment else None,
+                )
+                loss = diffusion.diffusion_loss(
+                    model, noise_scheduler, latents, embedding, randomness, snr_gamma=args.snr_gamma
+                )
+                # Every process must agree, or DDP would step on some ranks and not on others.
+                window_is_bad |= bool(accelerator.gather(torch.isfinite(loss.detach()).float().view(1)).min() == 0)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and not window_is_bad:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    optimizer.step()
+                    if not accelerator.optimizer_step_was_skipped:
+                        lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            progress.global_step += 1
+            progress_bar.update(1)
+            if window_is_bad:
+                progress.skipped_steps += 1
+                bad_in_a_row += 1
+                logger.warning(f"Non-finite loss at step {progress.global_step}: update skipped ({bad_in_a_row})")
+                if bad_in_a_row >= args.max_bad_steps:
+                    raise RuntimeError(too_many_bad_steps_message(bad_in_a_row, args))
+            else:
+                bad_in_a_row = 0
+            window_is_bad = False
+            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": progress.skipped_steps}
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=progress.global_step)
+
+            if progress.global_step % args.checkpointing_steps == 0 or progress.global_step == max_train_steps:
+                saved = checkpointing.save_checkpoint(accelerator, output_dir, progress, args.checkpoints_total_limit)
+                logger.info(f"Saved {saved}")
+            if progress.global_step % args.validation_steps == 0 or progress.global_step == max_train_steps:
+                model.eval()
+                validation.run(
+                    accelerator,
+                    unwrapped,
+                    vae,
+                    stack.scheduler_config,
+                    validation_embeddings,
+                    validation_references,
+                    [index.class_names[index.records[i].label] for i in validation_ids],
+                    output_dir / "validation" / f"step-{progress.global_step:06d}.png",
+                    step=progress.global_step,
+                    seed=args.seed,
+                    guidance_scale=args.validation_guidance_scale,
+                    num_inference_steps=args.num_validation_inference_steps,
+                )
+                model.train()
+            if progress.global_step >= max_train_steps:
+                break
+        if progress.global_step >= max_train_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        artifacts.save_trained(output_dir, unwrapped, lora_config)
+        artifacts.write_run_summary(output_dir, args, index.class_names, resolution, progress.global_step)
+        logger.info(f"Wrote adapter, LoRA, config and model card to {output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
