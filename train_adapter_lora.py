@@ -23,7 +23,14 @@ from pixcell_ext import artifacts, checkpointing, data, diffusion, features, mod
 from pixcell_ext.adapter import AdapterConfig, UNIAdapter
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.lora import DEFAULT_TARGET_MODULES, LoRAConfig, inject_lora, lora_parameters, parse_block_spec
-from pixcell_ext.runtime import check_process_group, make_optimizer, too_many_bad_steps_message, weight_dtype
+from pixcell_ext.runtime import (
+    apply_gradient_clipping_to_deepspeed,
+    check_process_group,
+    check_replicas_identical,
+    make_optimizer,
+    too_many_bad_steps_message,
+    weight_dtype,
+)
 
 logger = get_logger(__name__)
 PRESETS = {"tiny": presets.tiny_training}
@@ -117,7 +124,6 @@ def main(args: argparse.Namespace) -> None:
     check_process_group(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -154,6 +160,7 @@ def main(args: argparse.Namespace) -> None:
         + f"; frozen models in {dtype}, resolution {resolution} px"
     )
 
+    set_seed(args.seed)  # the initial LoRA/adapter weights must not depend on which models were built before
     lora_config = LoRAConfig(
         rank=args.lora_rank,
         alpha=args.lora_alpha or args.lora_rank,
@@ -213,6 +220,7 @@ def main(args: argparse.Namespace) -> None:
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
+    apply_gradient_clipping_to_deepspeed(accelerator, args.max_grad_norm)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
@@ -338,7 +346,8 @@ def main(args: argparse.Namespace) -> None:
         if progress.global_step >= max_train_steps:
             break
 
-    accelerator.wait_for_everyone()
+    check_replicas_identical(accelerator, trainable)
+    logger.info(f"Trainable weights are bit-identical on all {accelerator.num_processes} process(es)")
     if accelerator.is_main_process:
         artifacts.save_trained(output_dir, unwrapped, lora_config)
         artifacts.write_run_summary(output_dir, args, index.class_names, resolution, progress.global_step)

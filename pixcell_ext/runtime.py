@@ -48,3 +48,21 @@ def too_many_bad_steps_message(count: int, args) -> str:
         f"instead of fp16, a tighter --max_grad_norm (now {args.max_grad_norm}), or resume from an earlier "
         "checkpoint with --resume_from_checkpoint; check the data for blank or corrupt tiles."
     )
+
+
+@torch.no_grad()
+def check_replicas_identical(accelerator: Accelerator, params: list[torch.Tensor]) -> None:
+    """Fail loudly if DDP replicas drifted apart: every process must hold bit-identical trainable weights."""
+    flat = torch.cat([p.detach().double().flatten() for p in params])
+    positions = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64)
+    fingerprint = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.sin(positions)).sum()]).view(1, 3)
+    everyone = accelerator.gather(fingerprint)
+    if not bool((everyone == everyone[0]).all()):
+        raise RuntimeError(f"Trainable weights differ between processes: fingerprints {everyone.tolist()}.")
+
+
+def apply_gradient_clipping_to_deepspeed(accelerator: Accelerator, max_grad_norm: float) -> None:
+    """DeepSpeed clips inside its engine and ignores `accelerator.clip_grad_norm_`; give it the script's value."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        plugin.deepspeed_config["gradient_clipping"] = max_grad_norm

@@ -1,0 +1,35 @@
+import os
+import socket
+import sys
+from pathlib import Path
+
+# No test may reach a model hub: fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from pixcell_ext.tiny import write_tiny_stack  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(tmp_path_factory):
+    return write_tiny_stack(tmp_path_factory.mktemp("tiny"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(num_processes: int, script: str, *args: str) -> list[str]:
+    """`python -m accelerate.commands.launch`: the console script imports timm, this does not."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes > 1:
+        command += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+    else:
+        command += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return command + [str(REPO / script), *args]

@@ -1,0 +1,236 @@
+"""The training script run for real, as users run it: through `accelerate launch`, on the tiny stack."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO, launch_command
+from pixcell_ext import features
+from pixcell_ext.data import DataError, scan_image_folder
+from pixcell_ext.tiny import write_tiny_dataset
+
+
+def train_args(stack, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--preset", "tiny",
+        "--tiny_dir", str(stack.pixcell.parent),
+        "--output_dir", str(output_dir),
+        "--dataloader_num_workers", "0",
+        "--validation_steps", "1000",
+        "--report_to", "tensorboard",
+        *extra,
+    ]  # fmt: skip
+
+
+def run_training(stack, output_dir: Path, *extra: str, num_processes: int = 1, env: dict | None = None):
+    command = launch_command(num_processes, "train_adapter_lora.py", *train_args(stack, output_dir, *extra))
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", **(env or {})}
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def trained_weights(directory: Path) -> dict[str, torch.Tensor]:
+    weights = {f"adapter.{k}": v for k, v in load_file(directory / "adapter.safetensors").items()}
+    weights.update(load_file(directory / "pytorch_lora_weights.safetensors"))
+    return weights
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = trained_weights(a), trained_weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= atol, f"largest difference {worst:g}"
+    moved = max((wa[k]).abs().max().item() for k in wa if "lora_B" in k)
+    assert moved > 0, "LoRA B never moved: the comparison would be vacuous"
+
+
+def logged_losses(output_dir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted((output_dir / "logs").rglob("events.out.tfevents*"))
+    values = {}
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        if "loss" in accumulator.Tags()["scalars"]:
+            values.update({e.step: e.value for e in accumulator.Scalars("loss")})
+    return [values[k] for k in sorted(values)]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_stack, tmp_path_factory):
+    """Batch 4, 8 updates, a checkpoint every 4 (step 4 lies in the middle of the first epoch of 9 batches)."""
+    output_dir = tmp_path_factory.mktemp("reference")
+    run_training(tiny_stack, output_dir, "--max_train_steps", "8", "--checkpointing_steps", "4")
+    return output_dir
+
+
+def test_tiny_run_writes_everything_a_real_run_writes(reference_run):
+    for name in ("adapter.safetensors", "pytorch_lora_weights.safetensors", "training_config.json", "README.md"):
+        assert (reference_run / name).is_file(), name
+    assert (reference_run / "checkpoint-4" / "training_state.json").is_file()
+    assert (reference_run / "checkpoint-8" / "optimizer.bin").is_file()
+    assert not list(reference_run.glob(".checkpoint-*"))
+    panel = Image.open(reference_run / "validation" / "step-000008.png")
+    assert panel.width > 9 * 64 and panel.height > 2 * 64
+    assert len(logged_losses(reference_run)) == 8
+
+
+def test_a_fixed_small_batch_is_overfitted(tiny_stack, tmp_path):
+    data = write_tiny_dataset(tmp_path / "four", images_per_class=4, size=64)
+    for folder in data.iterdir():
+        if folder.name != "TUM":
+            shutil.rmtree(folder)
+    output_dir = tmp_path / "overfit"
+    run_training(
+        tiny_stack, output_dir, "--train_data_dir", str(data), "--max_train_steps", "60", "--learning_rate", "3e-3",
+        "--lora_rank", "8", "--cond_dropout", "0", "--checkpointing_steps", "1000",
+    )  # fmt: skip
+    losses = logged_losses(output_dir)
+    assert len(losses) == 60
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.8 * first, (first, last)
+
+
+def test_two_processes_train_identical_replicas_equal_to_one_process(tiny_stack, tmp_path, reference_run):
+    output_dir = tmp_path / "ddp"
+    result = run_training(
+        tiny_stack, output_dir, "--max_train_steps", "8", "--checkpointing_steps", "4", "--train_batch_size", "2",
+        num_processes=2,
+    )  # fmt: skip
+    assert "bit-identical on all 2 process(es)" in result.stderr
+    assert "2 process(es), 2 per process x 1 accumulation = 4 tiles per update" in result.stderr
+    # Two processes of 2 see exactly the tiles and noise of one process of 4.
+    assert_same_weights(output_dir, reference_run, atol=1e-5)
+
+
+def test_resume_mid_epoch_gives_the_straight_run(tiny_stack, tmp_path, reference_run):
+    output_dir = tmp_path / "resumed"
+    run_training(tiny_stack, output_dir, "--max_train_steps", "4", "--checkpointing_steps", "4")
+    shutil.copytree(output_dir / "checkpoint-4", tmp_path / "checkpoint-4-copy")
+    run_training(
+        tiny_stack, output_dir, "--max_train_steps", "8", "--checkpointing_steps", "4",
+        "--resume_from_checkpoint", "latest",
+    )  # fmt: skip
+    assert_same_weights(output_dir, reference_run, atol=1e-6)
+    assert logged_losses(output_dir)[-4:] == pytest.approx(logged_losses(reference_run)[-4:], abs=1e-6)
+
+
+def test_gradient_accumulation_matches_the_bigger_batch(tiny_stack, tmp_path, reference_run):
+    output_dir = tmp_path / "accumulated"
+    run_training(
+        tiny_stack, output_dir, "--max_train_steps", "8", "--checkpointing_steps", "100", "--train_batch_size", "2",
+        "--gradient_accumulation_steps", "2",
+    )  # fmt: skip
+    assert_same_weights(output_dir, reference_run, atol=1e-5)
+
+
+def test_feature_cache_trains_like_on_the_fly(tiny_stack, tmp_path, reference_run):
+    output_dir = tmp_path / "cached"
+    result = run_training(
+        tiny_stack, output_dir, "--max_train_steps", "8", "--checkpointing_steps", "100",
+        "--feature_cache", str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert "UNI2-h from" not in result.stderr  # never loaded for training
+    assert logged_losses(output_dir) == pytest.approx(logged_losses(reference_run), rel=1e-4)
+    assert_same_weights(output_dir, reference_run, atol=1e-4)
+
+
+def test_changing_one_image_invalidates_exactly_its_cache_entry(tiny_stack, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_stack.data, data)
+    accelerator = Accelerator(cpu=True)
+    loads = []
+
+    def load_encoders():
+        from pixcell_ext.models import load_uni, load_vae
+
+        loads.append(1)
+        return load_vae(str(tiny_stack.vae)), load_uni(str(tiny_stack.uni))
+
+    def build(index, cache):
+        return features.build_feature_cache(
+            accelerator, index, cache, vae_identity="vae", uni_identity="uni", resolution=64,
+            load_encoders=load_encoders, batch_size=8,
+        )  # fmt: skip
+
+    cache = features.FeatureCache(tmp_path / "cache")
+    first = build(scan_image_folder(data), cache)
+    assert len(cache.rows) == len(first) == 36 and len(loads) == 1
+    assert build(scan_image_folder(data), features.FeatureCache(tmp_path / "cache")) == first
+    assert len(loads) == 1  # nothing missing, encoders never loaded
+
+    edited = sorted((data / "STR").iterdir())[1]
+    Image.open(edited).convert("RGB").rotate(90).save(edited)
+    cache = features.FeatureCache(tmp_path / "cache")
+    second = build(scan_image_folder(data), cache)
+    assert [i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b] == [
+        [r.path for r in scan_image_folder(data).records].index(edited)
+    ]
+    assert len(cache.rows) == 37 and len(loads) == 2
+    other = features.entry_keys(["same-bytes"], "vae", "another-uni", 64)
+    assert other != features.entry_keys(["same-bytes"], "vae", "uni", 64)
+
+
+def test_killed_run_resumes_from_the_last_complete_checkpoint(tiny_stack, tmp_path, reference_run):
+    output_dir = tmp_path / "killed"
+    command = launch_command(
+        1, "train_adapter_lora.py",
+        *train_args(tiny_stack, output_dir, "--max_train_steps", "8", "--checkpointing_steps", "2"),
+    )  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "true"}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not (output_dir / "checkpoint-2").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    complete = sorted(output_dir.glob("checkpoint-*"))
+    assert complete, "killed before the first checkpoint"
+    # What a kill during a save leaves behind: a partial folder that must never be taken for a checkpoint.
+    partial = output_dir / ".checkpoint-6.partial"
+    partial.mkdir(exist_ok=True)
+    (partial / "adapter.safetensors").write_bytes(b"truncated")
+    run_training(
+        tiny_stack, output_dir, "--max_train_steps", "8", "--checkpointing_steps", "2",
+        "--resume_from_checkpoint", "latest",
+    )  # fmt: skip
+    assert_same_weights(output_dir, reference_run, atol=1e-6)
+
+
+def test_bad_data_fails_before_models_load(tiny_stack, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_stack.data, data)
+    (data / "DEB" / "DEB-corrupt.tif").write_bytes(b"\x00" * 100)
+    command = launch_command(
+        1, "train_adapter_lora.py", *train_args(tiny_stack, tmp_path / "o", "--train_data_dir", str(data))
+    )
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "ACCELERATE_USE_CPU": "true"}
+    )
+    assert result.returncode != 0
+    assert "DEB-corrupt.tif" in result.stderr and "--skip_bad_images" in result.stderr
+    assert "Loaded PixCell" not in result.stderr
+    with pytest.raises(DataError, match="does not exist"):
+        scan_image_folder(tmp_path / "missing")
+
+
+def test_processes_that_form_no_group_are_stopped(tiny_stack, tmp_path):
+    command = launch_command(2, "train_adapter_lora.py", *train_args(tiny_stack, tmp_path / "o"))
+    environment = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert "every process would train on its own" in result.stderr
