@@ -51,7 +51,7 @@ class LoRAMismatchError(ValueError):
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     """rsLoRA's alpha/sqrt(r) keeps the update's scale stable as the rank grows; plain LoRA's alpha/r does not."""
-    return alpha / rank
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 @dataclass
@@ -69,8 +69,9 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         # Validate at construction so a typo fails before a long model load, not halfway through injection.
         if isinstance(self.target_modules, str):
-            raise TypeError(f"target_modules must be a sequence of module-name suffixes, got the string "
-                            f"{self.target_modules!r}")
+            raise TypeError(
+                f"target_modules must be a sequence of module-name suffixes, got the string {self.target_modules!r}"
+            )
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules:
             raise ValueError("target_modules is empty: LoRA would be injected nowhere")
@@ -128,8 +129,9 @@ def parse_block_spec(spec: str, num_blocks: int) -> tuple[int, ...]:
         part = part.strip()
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if m is None:
-            raise ValueError(f"bad block spec part {part!r} in {spec!r}: expected 'all', 'N' or 'N-M' "
-                             f"separated by commas; {valid}")
+            raise ValueError(
+                f"bad block spec part {part!r} in {spec!r}: expected 'all', 'N' or 'N-M' separated by commas; {valid}"
+            )
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if lo > hi:
@@ -222,8 +224,7 @@ def _plan_injection(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[nn.
     blocks = block_ids if config.blocks is None else sorted(set(config.blocks))
     bad_blocks = sorted(set(blocks) - set(block_ids))
     if bad_blocks:
-        raise ValueError(f"LoRA blocks {bad_blocks} do not exist; the model has blocks "
-                         f"{block_ids[0]}-{block_ids[-1]}")
+        raise ValueError(f"LoRA blocks {bad_blocks} do not exist; the model has blocks {block_ids[0]}-{block_ids[-1]}")
     plan: dict[str, tuple[nn.Linear, int]] = {}
     missing: list[str] = []
     for block in blocks:
@@ -236,10 +237,13 @@ def _plan_injection(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[nn.
                 missing.append(name if module is None else f"{name} ({type(module).__name__}, not nn.Linear)")
     if missing:
         prefix = f"transformer_blocks.{blocks[0]}."
-        available = sorted(n[len(prefix):] for n, m in modules.items()
-                           if n.startswith(prefix) and isinstance(m, nn.Linear))
-        raise ValueError(f"LoRA targets {list(config.target_modules)} not found as nn.Linear in blocks {blocks}: "
-                         f"{_listing(missing)}; nn.Linear layers in a block: {available}")
+        available = sorted(
+            n[len(prefix) :] for n, m in modules.items() if n.startswith(prefix) and isinstance(m, nn.Linear)
+        )
+        raise ValueError(
+            f"LoRA targets {list(config.target_modules)} not found as nn.Linear in blocks {blocks}: "
+            f"{_listing(missing)}; nn.Linear layers in a block: {available}"
+        )
     return plan
 
 
@@ -300,8 +304,11 @@ def lora_state_dict(model: nn.Module, prefix: str = "transformer") -> dict[str, 
 
 def _config_selects(config: LoRAConfig, module_name: str) -> bool:
     m = _BLOCK_NAME.fullmatch(module_name)
-    return (m is not None and m.group(2) in config.target_modules
-            and (config.blocks is None or int(m.group(1)) in config.blocks))
+    return (
+        m is not None
+        and m.group(2) in config.target_modules
+        and (config.blocks is None or int(m.group(1)) in config.blocks)
+    )
 
 
 def _check_config_matches(model_layers: Mapping[str, LoRALinear], config: LoRAConfig) -> None:
@@ -312,8 +319,10 @@ def _check_config_matches(model_layers: Mapping[str, LoRALinear], config: LoRACo
         if not _config_selects(config, name):
             problems.append(f"{name}: not selected by the config")
         elif layer.rank != rank or not math.isclose(layer.scaling, config.scaling_for(rank)):
-            problems.append(f"{name}: model rank {layer.rank}, scaling {layer.scaling:g}; config rank {rank}, "
-                            f"scaling {config.scaling_for(rank):g}")
+            problems.append(
+                f"{name}: model rank {layer.rank}, scaling {layer.scaling:g}; config rank {rank}, "
+                f"scaling {config.scaling_for(rank):g}"
+            )
     if problems:
         raise ValueError(f"the LoRA config does not describe the model's LoRA layers: {_listing(problems)}")
 
@@ -355,12 +364,16 @@ def read_lora_config(path: str | os.PathLike) -> LoRAConfig:
         metadata = f.metadata() or {}
     raw = metadata.get(_METADATA_KEY)
     if raw is None:
-        raise ValueError(f"{path}: no '{_METADATA_KEY}' in the safetensors header (keys: {sorted(metadata)}); "
-                         "it was not written by pixcell_ext.lora.save_lora")
+        raise ValueError(
+            f"{path}: no '{_METADATA_KEY}' in the safetensors header (keys: {sorted(metadata)}); "
+            "it was not written by pixcell_ext.lora.save_lora"
+        )
     data = json.loads(raw)
     if _OUR_CONFIG_KEY not in data:
-        raise ValueError(f"{path}: '{_METADATA_KEY}' has no '{_OUR_CONFIG_KEY}' entry (keys: {sorted(data)}); "
-                         "it was not written by pixcell_ext.lora.save_lora")
+        raise ValueError(
+            f"{path}: '{_METADATA_KEY}' has no '{_OUR_CONFIG_KEY}' entry (keys: {sorted(data)}); "
+            "it was not written by pixcell_ext.lora.save_lora"
+        )
     try:
         return LoRAConfig.from_dict(data[_OUR_CONFIG_KEY])
     except (TypeError, ValueError) as e:
@@ -381,13 +394,16 @@ def load_lora(model: nn.Module, path: str | os.PathLike, *, prefix: str = "trans
     if any(layer.merged for layer in layers.values()):
         raise RuntimeError(f"cannot load {path} into a merged model: call unmerge_lora(model) first")
     if layers:
-        shapes = {name: (layer.base_layer.in_features, layer.base_layer.out_features, layer.rank)
-                  for name, layer in layers.items()}
+        shapes = {
+            name: (layer.base_layer.in_features, layer.base_layer.out_features, layer.rank)
+            for name, layer in layers.items()
+        }
         # Same shapes but another alpha (or rsLoRA) would load cleanly and silently change the output.
-        scaling_errors = [f"{name}: file {config.scaling_for(layer.rank):g} vs model {layer.scaling:g}"
-                          for name, layer in layers.items()
-                          if layer.rank == config.rank_for(name)
-                          and not math.isclose(layer.scaling, config.scaling_for(layer.rank))]
+        scaling_errors = [
+            f"{name}: file {config.scaling_for(layer.rank):g} vs model {layer.scaling:g}"
+            for name, layer in layers.items()
+            if layer.rank == config.rank_for(name) and not math.isclose(layer.scaling, config.scaling_for(layer.rank))
+        ]
         plan = None
     else:
         try:
@@ -404,15 +420,25 @@ def load_lora(model: nn.Module, path: str | os.PathLike, *, prefix: str = "trans
     file_sd = load_file(str(path))
     missing = sorted(expected.keys() - file_sd.keys())
     unexpected = sorted(file_sd.keys() - expected.keys())
-    shape_errors = [f"{k}: file {list(file_sd[k].shape)} vs model {list(expected[k])}"
-                    for k in sorted(expected.keys() & file_sd.keys()) if tuple(file_sd[k].shape) != expected[k]]
+    shape_errors = [
+        f"{k}: file {list(file_sd[k].shape)} vs model {list(expected[k])}"
+        for k in sorted(expected.keys() & file_sd.keys())
+        if tuple(file_sd[k].shape) != expected[k]
+    ]
     if missing or unexpected or shape_errors or scaling_errors:
-        parts = [f"{title} ({len(items)}): {_listing(items)}"
-                 for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("shape mismatches", shape_errors), ("scaling mismatches", scaling_errors))
-                 if items]
-        raise LoRAMismatchError(f"{path}: LoRA weights do not match the model (prefix {prefix!r}):\n  "
-                                + "\n  ".join(parts))
+        parts = [
+            f"{title} ({len(items)}): {_listing(items)}"
+            for title, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", shape_errors),
+                ("scaling mismatches", scaling_errors),
+            )
+            if items
+        ]
+        raise LoRAMismatchError(
+            f"{path}: LoRA weights do not match the model (prefix {prefix!r}):\n  " + "\n  ".join(parts)
+        )
 
     if plan is not None:
         inject_lora(model, config)

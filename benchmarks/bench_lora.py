@@ -1,0 +1,160 @@
+"""Cost of our LoRALinear against a plain frozen nn.Linear and PEFT's lora.Linear, at PixCell-256's widths.
+
+    python benchmarks/bench_lora.py [--device cpu|cuda] [--dtype float32|bfloat16] [--batch_tokens N] [--repeats N]
+
+Each round times every width and variant once, in a rotating order, so that changes in machine load hit all
+variants alike. Times are medians over rounds; ratios are medians of the per-round ratios (paired, which cancels
+load drift between rounds), with their interquartile range to show how much of a PASS/MISS is noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import Linear as PeftLoraLinear
+from torch import nn
+
+try:
+    from pixcell_ext.lora import LoRALinear
+except ImportError:  # run as a script from a checkout: the repo root is not on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pixcell_ext.lora import LoRALinear
+
+WIDTHS = ((1152, 1152), (1152, 4608), (4608, 1152))  # attention projections, ff up, ff down
+RANK = 16
+TARGET_OURS_VS_PEFT = 1.0
+TARGET_MERGED_VS_BASE = 1.02
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument(
+        "--batch_tokens",
+        type=int,
+        default=None,
+        help="tokens per step (default: 8 x 256 = 2048 on cuda; 2 x 256 = 512 on cpu to stay near 60 s on 2 cores)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 15 on cpu, 100 on cuda)")
+    p.add_argument("--warmup", type=int, default=3)
+    return p.parse_args()
+
+
+def build(n_in: int, n_out: int, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+    base = nn.Linear(n_in, n_out, device=device, dtype=dtype).requires_grad_(False)
+    ours = LoRALinear(copy.deepcopy(base), RANK, float(RANK))
+    peft_config = LoraConfig(r=RANK, lora_alpha=RANK)
+    peft = PeftLoraLinear(copy.deepcopy(base), "default", peft_config, r=RANK, lora_alpha=RANK)
+    # PEFT creates adapters in the base dtype; get_peft_model(autocast_adapter_dtype=True) then upcasts them to fp32.
+    # Do the same, so that both LoRA variants do the same math.
+    for p in [*peft.lora_A.parameters(), *peft.lora_B.parameters()]:
+        p.data = p.data.float()
+    merged = LoRALinear(copy.deepcopy(base), RANK, float(RANK))
+    nn.init.normal_(merged.lora_B.weight, std=0.01)
+    merged.merge()
+    return {"linear": base, "ours": ours, "peft": peft, "merged": merged}
+
+
+def train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        layer(x).backward(grad)
+
+    return step
+
+
+def infer_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        with torch.inference_mode():
+            layer(x)
+
+    return step
+
+
+Steps = dict[str, dict[str, Callable[[], None]]]  # {width: {variant: step}}
+Times = dict[str, dict[str, list[float]]]  # {width: {variant: [ms per round]}}
+
+
+def time_rounds(cases: Steps, repeats: int, warmup: int, device: str) -> Times:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = {w: {v: [] for v in variants} for w, variants in cases.items()}
+    for i in range(warmup + repeats):
+        for width, variants in cases.items():
+            names = list(variants)
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                sync()
+                t0 = time.perf_counter()
+                variants[name]()
+                sync()
+                if i >= warmup:
+                    times[width][name].append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def paired_ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """Median and interquartile range of the per-round ratios."""
+    ratios = sorted(a / b for a, b in zip(num, den, strict=True))
+    q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return med, q1, q3
+
+
+def print_table(title: str, times: Times, variants: tuple[str, ...], num: str, den: str) -> tuple[float, float, float]:
+    print(f"\n{title}, median ms")
+    print(f"  {'width':<12}" + "".join(f"{v:>10}" for v in variants) + f"{num + '/' + den:>14}{'IQR':>16}")
+    rows = list(times.items())
+    n_rounds = len(rows[0][1][num])
+    rows.append(("sum", {v: [sum(t[v][i] for _, t in rows) for i in range(n_rounds)] for v in variants}))
+    for width, t in rows:
+        med, q1, q3 = paired_ratio(t[num], t[den])
+        cells = "".join(f"{statistics.median(t[v]):>10.2f}" for v in variants)
+        print(f"  {width:<12}{cells}{med:>14.3f}{f'{q1:.3f}-{q3:.3f}':>16}")
+    return med, q1, q3
+
+
+def main(args: argparse.Namespace) -> None:
+    device, dtype = args.device, getattr(torch, args.dtype)
+    tokens = args.batch_tokens or (2048 if device == "cuda" else 512)
+    repeats = args.repeats or (100 if device == "cuda" else 15)
+    torch.manual_seed(0)
+    print(
+        f"LoRA benchmark: device={device} dtype={args.dtype} tokens={tokens} rank={RANK} repeats={repeats} "
+        f"warmup={args.warmup} threads={torch.get_num_threads()}"
+    )
+
+    train, infer = {}, {}
+    for n_in, n_out in WIDTHS:
+        layers = build(n_in, n_out, device, dtype)
+        x = torch.randn(tokens, n_in, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(tokens, n_out, device=device, dtype=dtype)
+        train[f"{n_in}->{n_out}"] = {v: train_step(layers[v], x, grad) for v in ("linear", "ours", "peft")}
+        infer[f"{n_in}->{n_out}"] = {v: infer_step(layers[v], x.detach()) for v in ("linear", "merged")}
+
+    train_times = time_rounds(train, repeats, args.warmup, device)
+    infer_times = time_rounds(infer, repeats, args.warmup, device)
+    ours = print_table(
+        "forward+backward (frozen base, input requires grad)", train_times, ("linear", "ours", "peft"), "ours", "peft"
+    )
+    merged = print_table("merged inference (forward only)", infer_times, ("linear", "merged"), "merged", "linear")
+
+    print()
+    for name, (med, q1, q3), target in (
+        ("ours/peft", ours, TARGET_OURS_VS_PEFT),
+        ("merged/base", merged, TARGET_MERGED_VS_BASE),
+    ):
+        verdict = "PASS" if med <= target else "MISS"
+        print(f"{name:<12}= {med:.3f}  (IQR {q1:.3f}-{q3:.3f}; target <= {target:.2f})  {verdict}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
