@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 from pixcell_ext import artifacts, checkpointing, data, diffusion, features, models, presets, validation
 from pixcell_ext.adapter import AdapterConfig, UNIAdapter
 from pixcell_ext.conditioning import AdaptedPixCell
-from pixcell_ext.lora import DEFAULT_TARGET_MODULES, LoRAConfig, inject_lora, lora_parameters, parse_block_spec
+from pixcell_ext.lora import (
+    DEFAULT_TARGET_MODULES,
+    LoRAConfig,
+    block_rank_pattern,
+    inject_lora,
+    lora_parameters,
+    parse_block_spec,
+)
 from pixcell_ext.runtime import (
     apply_gradient_clipping_to_deepspeed,
     check_process_group,
@@ -66,6 +73,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--lora_blocks", default="all", help="Transformer blocks with LoRA, e.g. 'all', '0-13'.")
     group.add_argument("--lora_dropout", type=float, default=0.0)
     group.add_argument("--use_rslora", action="store_true")
+    group.add_argument(
+        "--lora_block_ranks",
+        default=None,
+        help="Per-block ranks overriding --lora_rank, e.g. '0-13=16,14-27=4' (see README: which blocks to target).",
+    )
+    group = parser.add_argument_group("class-aware adaptation")
+    group.add_argument(
+        "--class_loss_weight", type=float, default=0.0, help="Weight of a class head's cross-entropy on the context."
+    )
+    group.add_argument(
+        "--class_conditioning", action="store_true", help="Add a learned class embedding (zero at start) to context."
+    )
+    group.add_argument(
+        "--reference_dropout",
+        type=float,
+        default=0.1,
+        help="With --class_conditioning: probability of keeping the class but dropping the reference tile, which "
+        "teaches class-only generation.",
+    )
     group = parser.add_argument_group("optimisation")
     group.add_argument("--train_batch_size", type=int, default=16, help="Per process.")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -166,15 +192,22 @@ def main(args: argparse.Namespace) -> None:
         alpha=args.lora_alpha or args.lora_rank,
         target_modules=tuple(args.lora_targets),
         blocks=None if args.lora_blocks == "all" else parse_block_spec(args.lora_blocks, transformer.config.num_layers),
+        rank_pattern=block_rank_pattern(args.lora_block_ranks, transformer.config.num_layers),
         dropout=args.lora_dropout,
         use_rslora=args.use_rslora,
     )
     inject_lora(transformer, lora_config)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    adapter = UNIAdapter(
-        AdapterConfig(transformer.config.caption_channels, args.adapter_tokens, args.adapter_hidden_dim)
-    ).to(accelerator.device)
+    adapter_config = AdapterConfig(
+        transformer.config.caption_channels,
+        args.adapter_tokens,
+        args.adapter_hidden_dim,
+        class_names=tuple(index.class_names) if args.class_conditioning or args.class_loss_weight > 0 else (),
+        class_conditioning=args.class_conditioning,
+        class_head=args.class_loss_weight > 0,
+    )
+    adapter = UNIAdapter(adapter_config).to(accelerator.device)
     model = AdaptedPixCell(transformer, adapter)
     trainable = [*adapter.parameters(), *lora_parameters(transformer)]
     logger.info(
@@ -263,7 +296,7 @@ def main(args: argparse.Namespace) -> None:
     )
     latent_size = resolution // models.vae_scale_factor(vae)
     latent_shape = (transformer.config.in_channels, latent_size, latent_size)
-    window_is_bad, bad_in_a_row = False, 0
+    window_is_bad, bad_in_a_row, window_stats = False, 0, []
 
     for epoch in range(progress.epoch, num_epochs):
         sampler.set_epoch(epoch)
@@ -281,6 +314,7 @@ def main(args: argparse.Namespace) -> None:
                     latent_shape=latent_shape,
                     num_train_timesteps=noise_scheduler.config.num_train_timesteps,
                     cond_dropout=args.cond_dropout,
+                    reference_dropout=args.reference_dropout if args.class_conditioning else 0.0,
                     device=accelerator.device,
                 )
                 latents, embedding = features.batch_features(
@@ -291,12 +325,22 @@ def main(args: argparse.Namespace) -> None:
                     posterior_noise=randomness.posterior_noise,
                     augment_codes=randomness.augment_codes if args.augment else None,
                 )
-                loss = diffusion.diffusion_loss(
-                    model, noise_scheduler, latents, embedding, randomness, snr_gamma=args.snr_gamma
+                terms = diffusion.diffusion_loss(
+                    model,
+                    noise_scheduler,
+                    latents,
+                    embedding,
+                    randomness,
+                    snr_gamma=args.snr_gamma,
+                    labels=batch["label"].to(accelerator.device),
+                    class_loss_weight=args.class_loss_weight,
                 )
-                # Every process must agree, or DDP would step on some ranks and not on others.
-                window_is_bad |= bool(accelerator.gather(torch.isfinite(loss.detach()).float().view(1)).min() == 0)
-                accelerator.backward(loss)
+                # One collective for the skip decision (every process must agree, or DDP would step on some ranks
+                # and not on others) and for the logged values.
+                stats = accelerator.gather(diffusion.loss_statistics(terms))
+                window_is_bad |= bool(stats[:, 0].min() == 0)
+                window_stats.append(stats[:, 1:].mean(dim=0))
+                accelerator.backward(terms.total)
                 if accelerator.sync_gradients and not window_is_bad:
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                     optimizer.step()
@@ -317,7 +361,10 @@ def main(args: argparse.Namespace) -> None:
             else:
                 bad_in_a_row = 0
             window_is_bad = False
-            logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": progress.skipped_steps}
+            means = torch.stack(window_stats).mean(dim=0).tolist()
+            window_stats.clear()
+            logs = {name: v for name, v in zip(diffusion.LOGGED_TERMS, means, strict=True) if not math.isnan(v)}
+            logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_steps=progress.skipped_steps)
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=progress.global_step)
 
@@ -332,6 +379,7 @@ def main(args: argparse.Namespace) -> None:
                     vae,
                     stack.scheduler_config,
                     validation_embeddings,
+                    torch.tensor([index.records[i].label for i in validation_ids]),
                     validation_references,
                     [index.class_names[index.records[i].label] for i in validation_ids],
                     output_dir / "validation" / f"step-{progress.global_step:06d}.png",

@@ -23,6 +23,7 @@ class StepRandomness:
     posterior_noise: torch.Tensor  # [B, C, H, W] for sampling the VAE posterior
     drop: torch.Tensor  # [B] bool, replace the condition by the null embedding
     augment_codes: torch.Tensor  # [B] in 0..7, a dihedral transform (used only with --augment)
+    uni_drop: torch.Tensor  # [B] bool, keep the class but replace the reference (class conditioning only)
 
 
 def draw_step_randomness(
@@ -34,8 +35,9 @@ def draw_step_randomness(
     num_train_timesteps: int,
     cond_dropout: float,
     device: torch.device,
+    reference_dropout: float = 0.0,
 ) -> StepRandomness:
-    timesteps, noise, posterior, drop, augment = [], [], [], [], []
+    timesteps, noise, posterior, drop, augment, uni_drop = [], [], [], [], [], []
     for sample_id in sample_ids.tolist():
         generator = generator_for(seed, epoch, sample_id)
         timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
@@ -43,12 +45,14 @@ def draw_step_randomness(
         posterior.append(torch.randn(latent_shape, generator=generator))
         drop.append(torch.rand(1, generator=generator) < cond_dropout)
         augment.append(torch.randint(0, 8, (1,), generator=generator))
+        uni_drop.append(torch.rand(1, generator=generator) < reference_dropout)
     return StepRandomness(
         timesteps=torch.cat(timesteps).to(device),
         noise=torch.stack(noise).to(device),
         posterior_noise=torch.stack(posterior).to(device),
         drop=torch.cat(drop).to(device),
         augment_codes=torch.cat(augment),
+        uni_drop=torch.cat(uni_drop).to(device),
     )
 
 
@@ -62,6 +66,14 @@ def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float)
     return clipped / snr
 
 
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    diffusion: torch.Tensor
+    class_loss: torch.Tensor | None = None
+    class_accuracy: torch.Tensor | None = None
+
+
 def diffusion_loss(
     model: torch.nn.Module,
     scheduler: DDPMScheduler,
@@ -69,14 +81,16 @@ def diffusion_loss(
     uni_embedding: torch.Tensor,
     randomness: StepRandomness,
     snr_gamma: float | None = None,
-) -> torch.Tensor:
+    labels: torch.Tensor | None = None,
+    class_loss_weight: float = 0.0,
+) -> LossTerms:
     """Mean loss over the batch; `model` is an `AdaptedPixCell` (possibly wrapped by DDP).
 
     With learned variance (PixCell outputs 2C channels: [epsilon | variance]) the loss uses the epsilon half only,
-    as the authors' fine-tuning does.
+    as the authors' fine-tuning does. With a class head, `class_loss_weight` times its cross-entropy is added.
     """
     noisy = scheduler.add_noise(latents, randomness.noise, randomness.timesteps)
-    prediction = model(noisy, randomness.timesteps, uni_embedding, randomness.drop)
+    prediction, logits = model(noisy, randomness.timesteps, uni_embedding, randomness.drop, labels, randomness.uni_drop)
     prediction = prediction[:, : latents.shape[1]].float()
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -88,4 +102,20 @@ def diffusion_loss(
     per_sample = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         per_sample = per_sample * snr_weights(scheduler, randomness.timesteps, snr_gamma)
-    return per_sample.mean()
+    loss = per_sample.mean()
+    if logits is None:
+        return LossTerms(total=loss, diffusion=loss)
+    class_loss = F.cross_entropy(logits.float(), labels)
+    accuracy = (logits.argmax(dim=1) == labels).float().mean()
+    return LossTerms(loss + class_loss_weight * class_loss, loss, class_loss, accuracy)
+
+
+LOGGED_TERMS = ("loss", "diffusion_loss", "class_loss", "class_accuracy")
+
+
+def loss_statistics(terms: LossTerms) -> torch.Tensor:
+    """[finite, *LOGGED_TERMS] as one detached vector, to be gathered across processes in one collective."""
+    values = [terms.total, terms.diffusion, terms.class_loss, terms.class_accuracy]
+    values = [torch.full_like(terms.total, float("nan")) if v is None else v for v in values]
+    stats = torch.stack([torch.isfinite(terms.total).to(terms.total.dtype), *values]).detach().float()
+    return stats.view(1, -1)

@@ -142,6 +142,23 @@ def parse_block_spec(spec: str, num_blocks: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def block_rank_pattern(spec: str | None, num_blocks: int) -> dict[str, int]:
+    """Per-block ranks from the CLI ("0-13=16,14-27=4") as `LoRAConfig.rank_pattern` regexes over block names.
+
+    Each entry is `BLOCKS=RANK` with BLOCKS a single block or a range; entries are separated by commas.
+    """
+    if not spec:
+        return {}
+    pattern: dict[str, int] = {}
+    for entry in spec.split(","):
+        blocks, _, rank = entry.partition("=")
+        if not rank.strip().isdigit() or int(rank) < 1:
+            raise ValueError(f"bad per-block rank {entry!r} in {spec!r}: expected 'N=RANK' or 'N-M=RANK'")
+        indices = "|".join(str(i) for i in parse_block_spec(blocks, num_blocks))
+        pattern[rf"transformer_blocks\.({indices})\..*"] = int(rank)
+    return pattern
+
+
 class LoRALinear(nn.Module):
     """`base_layer(x) + scaling * B(A(dropout(x)))` with a frozen base, so the pretrained weight stays intact.
 

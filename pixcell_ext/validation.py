@@ -44,12 +44,14 @@ def generate_validation_images(
     vae,
     scheduler_config: dict,
     embeddings: torch.Tensor,
+    labels: torch.Tensor,
     *,
     seed: int,
     guidance_scale: float,
     num_inference_steps: int,
 ) -> list[np.ndarray] | None:
-    """One image per embedding [N, 1, C]; returns them in order on the main process, None elsewhere."""
+    """One image per embedding [N, 1, C] (labels feed class conditioning when the adapter has it); returns them in
+    order on the main process, None elsewhere."""
     mine = list(range(accelerator.process_index, len(embeddings), accelerator.num_processes))
     produced = []
     if mine:
@@ -57,7 +59,7 @@ def generate_validation_images(
         latents = sample_latents_cfg(
             model.transformer,
             scheduler_config,
-            model.context(uni),
+            model.context(uni, labels=labels[mine].to(accelerator.device)),
             model.unconditional_context(len(mine)),
             [generator_for(seed, "validation", i) for i in mine],
             guidance_scale=guidance_scale,
@@ -115,8 +117,9 @@ def run(
     vae,
     scheduler_config: dict,
     embeddings: torch.Tensor,
+    labels: torch.Tensor,
     references: list[np.ndarray],
-    labels: list[str],
+    label_names: list[str],
     path: Path,
     *,
     step: int,
@@ -131,11 +134,12 @@ def run(
         vae,
         scheduler_config,
         embeddings,
+        labels,
         seed=seed,
         guidance_scale=guidance_scale,
         num_inference_steps=num_inference_steps,
     )
     if accelerator.is_main_process:
-        panel = contact_sheet([references, images], labels, ["real", "synthetic"])
+        panel = contact_sheet([references, images], label_names, ["real", "synthetic"])
         save_panel(panel, path)
         log_panel(accelerator, panel, step)

@@ -152,7 +152,7 @@ def test_one_optimiser_step_changes_only_adapter_and_lora(tiny_stack):
     loss = diffusion_loss(
         model, training_scheduler(scheduler_config), torch.randn(4, 16, 8, 8), torch.randn(4, 1, 32), randomness
     )
-    loss.backward()
+    loss.total.backward()
     optimizer.step()
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
