@@ -110,6 +110,12 @@ def _write_uni(folder: Path) -> None:
 
     model_args = {"depth": 2, "num_heads": 2, "embed_dim": TINY_UNI_WIDTH}
     vit = timm.create_model(UNI2H_ARCHITECTURE, pretrained=False, **{**uni2h_timm_kwargs(), **model_args})
+    # UNI2-h's LayerScale starts at 1e-5, which makes an untrained twin map every image to nearly the same vector.
+    # Trained UNI2-h separates tissues; a tiny twin should too, or nothing downstream of it can be tested.
+    with torch.no_grad():
+        for name, parameter in vit.named_parameters():
+            if name.endswith((".ls1.gamma", ".ls2.gamma")):
+                parameter.fill_(1.0)
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, folder / "model.safetensors")
     (folder / "config.json").write_text(
         json.dumps({"architecture": UNI2H_ARCHITECTURE, "model_args": model_args, "num_features": TINY_UNI_WIDTH})

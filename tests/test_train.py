@@ -55,7 +55,7 @@ def assert_same_weights(a: Path, b: Path, atol: float) -> None:
     assert moved > 0, "LoRA B never moved: the comparison would be vacuous"
 
 
-def logged_losses(output_dir: Path) -> list[float]:
+def logged_losses(output_dir: Path, tag: str = "loss") -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = sorted((output_dir / "logs").rglob("events.out.tfevents*"))
@@ -63,8 +63,8 @@ def logged_losses(output_dir: Path) -> list[float]:
     for event_file in events:
         accumulator = EventAccumulator(str(event_file))
         accumulator.Reload()
-        if "loss" in accumulator.Tags()["scalars"]:
-            values.update({e.step: e.value for e in accumulator.Scalars("loss")})
+        if tag in accumulator.Tags()["scalars"]:
+            values.update({e.step: e.value for e in accumulator.Scalars(tag)})
     return [values[k] for k in sorted(values)]
 
 
