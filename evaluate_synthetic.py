@@ -1,0 +1,194 @@
+"""Measure a class-organised synthetic set against real tiles: FD, KID, precision/recall, LPIPS, TSTR vs TRTR.
+
+    accelerate launch evaluate_synthetic.py --real_dir NCT-CRC-HE-100K --real_test_dir CRC-VAL-HE-7K \
+        --synthetic_dir synthetic --output_dir evaluation --inception_weights fid_inception.pt \
+        --timm_encoder ARCHITECTURE --timm_encoder_weights encoder.safetensors --lpips_backbone alexnet.pth
+    python evaluate_synthetic.py --preset tiny      # offline smoke test on random tiny models, under a minute on a CPU
+
+Writes OUTPUT/metrics.json (everything, with warnings and caveats), OUTPUT/per_class_metrics.csv and OUTPUT/plots/.
+Features are cached per file content under OUTPUT/feature_cache (or --feature_cache_dir) and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+from pixcell_ext import evaluation, models, presets
+from pixcell_ext.data import scan_image_folder
+from pixcell_ext.runtime import check_process_group
+
+logger = get_logger(__name__)
+PRESETS = {"tiny": evaluation.tiny_evaluation}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    presets.add_preset_arguments(parser, PRESETS)
+    group = parser.add_argument_group("data")
+    group.add_argument("--real_dir", default=None, help="Real tiles, one folder per class.")
+    group.add_argument("--synthetic_dir", default=None, help="Generated tiles, one folder per class (+ manifest.csv).")
+    group.add_argument("--real_test_dir", default=None, help="Held-out real tiles (other patients) for the probes.")
+    group.add_argument("--classes", nargs="+", default=None, help="Default: the class folders of --synthetic_dir.")
+    group.add_argument(
+        "--real_test_fraction", type=float, default=0.5, help="Probe test share without --real_test_dir."
+    )
+    group.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
+    group = parser.add_argument_group("feature extractors")
+    group.add_argument(
+        "--extractors",
+        nargs="+",
+        choices=["uni", "inception", "timm"],
+        default=["uni", "inception", "timm"],
+        help="Feature spaces; Inception is skipped with a note when its weights are unavailable, timm needs "
+        "--timm_encoder. The colour-histogram probe baseline always runs.",
+    )
+    group.add_argument("--uni_model_name_or_path", default=models.UNI2H_ID, help="hf-hub:id, a folder or a file.")
+    group.add_argument("--inception_weights", default=None, help="TorchScript FID Inception or torchvision state dict.")
+    group.add_argument("--timm_encoder", default=None, help="timm architecture name of an independent encoder.")
+    group.add_argument("--timm_encoder_weights", default=None, help="Its weights (.safetensors or torch state dict).")
+    group.add_argument("--timm_encoder_kwargs", type=json.loads, default=None, help="e.g. '{\"init_values\": 1e-5}'")
+    group.add_argument("--timm_image_size", type=int, default=None, help="Default: timm's input size for the model.")
+    group.add_argument("--timm_mean", type=float, nargs=3, default=None, help="Default: timm's, for its own weights.")
+    group.add_argument("--timm_std", type=float, nargs=3, default=None, help="Default: timm's, for its own weights.")
+    group = parser.add_argument_group("metrics")
+    group.add_argument("--kid_subsets", type=int, default=100)
+    group.add_argument("--pr_k", type=int, default=3, help="k of the k-NN manifolds of precision/recall.")
+    group.add_argument("--probe_max_per_class", type=int, default=None, help="Subsample both probe training sets.")
+    group.add_argument("--lpips_backbone", default=None, help="torchvision alexnet/vgg16 state dict; no LPIPS without.")
+    group.add_argument("--lpips_net", choices=["alex", "vgg"], default="alex")
+    group.add_argument("--lpips_resolution", type=int, default=224)
+    group.add_argument("--lpips_max_pairs", type=int, default=1000, help="Pairs per class for LPIPS diversity.")
+    group = parser.add_argument_group("outputs and speed")
+    group.add_argument("--output_dir", default="outputs/evaluation")
+    group.add_argument("--feature_cache_dir", default=None, help="Default: OUTPUT/feature_cache.")
+    group.add_argument("--batch_size", type=int, default=64, help="Images per extraction batch, per process.")
+    group.add_argument("--dataloader_num_workers", type=int, default=2)
+    group.add_argument("--plot_max_points", type=int, default=2000, help="Per side, in the PCA projections.")
+    group.add_argument("--seed", type=int, default=0)
+    args = presets.parse_with_preset(parser, argv, PRESETS)
+    if args.real_dir is None or args.synthetic_dir is None:
+        parser.error("Give --real_dir and --synthetic_dir (or --preset tiny).")
+    for flag in ("inception_weights", "timm_encoder_weights", "lpips_backbone"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            parser.error(f"--{flag} '{path}' is not a file.")  # fail now, not after hours of feature extraction
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = Accelerator()
+    check_process_group(accelerator)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    output_dir = Path(args.output_dir)
+
+    def scan(folder: str, classes: list[str] | None) -> evaluation.TileSet:
+        index = scan_image_folder(folder, classes=classes, skip_bad_images=args.skip_bad_images)
+        return evaluation.TileSet.from_index(index)
+
+    synthetic = scan(args.synthetic_dir, args.classes)
+    classes = args.classes or sorted(set(synthetic.labels))
+    real = scan(args.real_dir, classes)
+    real_test = scan(args.real_test_dir, classes) if args.real_test_dir else None
+    tiles, rows = evaluation.arrange_tiles(
+        real, synthetic, real_test, test_fraction=args.real_test_fraction, seed=args.seed
+    )
+    manifest = evaluation.read_manifest(args.synthetic_dir, args.real_dir)
+    logger.info(f"{len(real.paths)} real, {len(synthetic.paths)} synthetic tiles in {classes}")
+    extractors, notes = evaluation.select_extractors(
+        args.extractors,
+        uni_model=args.uni_model_name_or_path,
+        inception_weights=args.inception_weights,
+        timm_encoder=args.timm_encoder,
+        timm_encoder_weights=args.timm_encoder_weights,
+        timm_options={
+            "image_size": args.timm_image_size,
+            "mean": args.timm_mean,
+            "std": args.timm_std,
+            "model_kwargs": args.timm_encoder_kwargs,
+        },
+        random_weight_root=args.tiny_dir if args.preset == "tiny" else None,
+    )
+
+    digests = evaluation.hash_files(accelerator, tiles.paths)
+    cache_dir = Path(args.feature_cache_dir or output_dir / "feature_cache")
+    features, skipped = {}, {}
+    for extractor in extractors:
+        try:
+            matrix = evaluation.compute_features(
+                accelerator,
+                extractor,
+                tiles.paths,
+                digests,
+                cache_dir,
+                batch_size=args.batch_size,
+                num_workers=args.dataloader_num_workers,
+            )
+        except evaluation.ExtractorUnavailable as error:
+            skipped[extractor.name] = str(error)
+            logger.warning(str(error))
+            continue
+        if matrix is not None:
+            features[extractor.name] = matrix
+    if not accelerator.is_main_process:
+        return  # metrics, LPIPS and plots run on the main process alone
+
+    probe_rows = evaluation.select_probe_rows(tiles, rows, args.probe_max_per_class, args.seed)
+    if real_test is None:
+        notes.append(evaluation.SAME_PATIENT_SPLIT_NOTE)
+    if probe_rows is None:
+        notes.append("Probes skipped: the real train, real test and synthetic sets each need at least two classes.")
+    warnings = evaluation.dependence_warnings(tiles, digests, rows, manifest)
+    extractor_results, found = evaluation.evaluate_feature_spaces(
+        extractors,
+        features,
+        tiles,
+        rows,
+        probe_rows,
+        classes,
+        kid_subsets=args.kid_subsets,
+        pr_k=args.pr_k,
+        seed=args.seed,
+        device=accelerator.device,
+    )
+    lpips_section, lpips_notes = evaluation.lpips_report(
+        args.lpips_backbone,
+        args.lpips_net,
+        args.lpips_resolution,
+        synthetic,
+        classes,
+        manifest,
+        max_pairs=args.lpips_max_pairs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=accelerator.device,
+    )
+    notes += evaluation.GENERAL_NOTES + lpips_notes
+    if args.preset == "tiny":
+        notes.append(evaluation.TINY_PRESET_NOTE)
+    report = {
+        "classes": classes,
+        "counts": {role: tiles.subset(role_rows).counts(classes) for role, role_rows in rows.items()},
+        "probe_split": "--real_test_dir" if real_test else f"--real_dir split per class ({args.real_test_fraction})",
+        "extractors": extractor_results,
+        "skipped_extractors": skipped,
+        "lpips": lpips_section,
+        "warnings": warnings + found,
+        "notes": notes,
+        "config": vars(args),
+    }
+    plots = evaluation.write_plots(
+        report, features, tiles, rows, output_dir / "plots", max_points=args.plot_max_points, seed=args.seed
+    )
+    report["plots"] = [str(p.relative_to(output_dir)) for p in plots]
+    written = evaluation.write_report(output_dir, report)
+    logger.info(f"Wrote {written['json']}, {written['csv']} and {len(plots)} plots under {output_dir / 'plots'}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
