@@ -1,0 +1,151 @@
+"""Generate a class-organised synthetic dataset with PixCell-256 adapted by train_adapter_lora.py.
+
+Each generated tile is conditioned on the UNI2-h embedding of a real reference tile of its class (a class without
+reference tiles falls back to the adapted unconditional embedding). Output: OUT/<CLASS>/gen_0000.png ...,
+OUT/manifest.csv, OUT/generation_config.json and a hidden contact sheet per class, OUT/.contact_sheet_<CLASS>.png.
+Images are byte-identical for any number of processes and resume points (on CPUs: at equal threads per
+process); a rerun completes an interrupted run, --overwrite starts afresh.
+
+    accelerate launch generate_synthetic.py --lora_dir outputs/pixcell-adapter-lora \\
+        --reference_data_dir NCT-CRC-HE-100K --output_dir synthetic --num_images_per_class 500
+    python generate_synthetic.py --preset tiny          # offline, random tiny models, seconds on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from tqdm.auto import tqdm
+
+from pixcell_ext import generation, models, presets
+from pixcell_ext.runtime import check_process_group, weight_dtype
+
+logger = get_logger(__name__)
+PRESETS = {"tiny": generation.tiny_generation}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    presets.add_preset_arguments(parser, PRESETS)
+    group = parser.add_argument_group("models")
+    group.add_argument("--pretrained_model_name_or_path", default=models.PIXCELL_256_ID)
+    group.add_argument("--revision", default=None)
+    group.add_argument("--vae_name_or_path", default=models.SD35_VAE_ID, help="Folder or hub id holding vae/.")
+    group.add_argument("--uni_model_name_or_path", default=models.UNI2H_ID, help="hf-hub:id, a folder or a file.")
+    group.add_argument("--lora_dir", default=None, help="Output of train_adapter_lora.py; default: base PixCell.")
+    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    group = parser.add_argument_group("data")
+    group.add_argument("--reference_data_dir", default=None, help="One folder of real tiles per class.")
+    group.add_argument("--classes", nargs="+", default=None, help="Generate these classes; default: every folder.")
+    group.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable reference tiles.")
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--num_images_per_class", type=int, default=50)
+    group.add_argument("--guidance_scale", type=float, default=2.0)
+    group.add_argument("--num_inference_steps", type=int, default=20)
+    group.add_argument("--scheduler", choices=sorted(models.SAMPLERS), default="dpm")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--batch_size", type=int, default=8, help="Images per forward, per process.")
+    group = parser.add_argument_group("outputs")
+    group.add_argument("--output_dir", default=None)
+    group.add_argument("--overwrite", action="store_true", help="Delete previously generated images, regenerate.")
+    args = presets.parse_with_preset(parser, argv, PRESETS)
+    if args.reference_data_dir is None or args.output_dir is None:
+        parser.error("--reference_data_dir and --output_dir are required (or --preset tiny).")
+    if args.num_images_per_class < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
+        parser.error("--num_images_per_class, --batch_size and --num_inference_steps must be at least 1.")
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    check_process_group(accelerator)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    output_dir = Path(args.output_dir)
+
+    # Everything that can refuse the run is checked before the models load.
+    classes = list(dict.fromkeys(args.classes or generation.default_classes(args.reference_data_dir)))
+    wanted = dict.fromkeys(classes, args.num_images_per_class)
+    existing = None if args.overwrite else generation.existing_config(output_dir)
+    extent = generation.merged_extent(existing, wanted)
+    files = generation.class_files(args.reference_data_dir, list(extent))
+    dtype = weight_dtype(accelerator)
+    config = generation.generation_config(args, dtype=dtype, files=files, images_per_class=extent)
+    if not args.overwrite:
+        generation.check_output_dir(output_dir, existing, config)
+    references = {
+        name: generation.choose_references(
+            paths, extent[name], seed=args.seed, class_name=name, skip_bad_images=args.skip_bad_images
+        )
+        for name, paths in files.items()
+    }
+    for name in classes:
+        if not references[name]:
+            logger.warning(
+                f"{name}: no reference tiles in '{args.reference_data_dir}/{name}'; generating from the "
+                "adapted unconditional embedding (manifest: conditioning=unconditional)."
+            )
+
+    stack = models.load_pixcell_stack(
+        args.pretrained_model_name_or_path,
+        args.vae_name_or_path,
+        args.uni_model_name_or_path,
+        dtype=dtype,
+        device=accelerator.device,
+        revision=args.revision,
+    )
+    model = generation.load_generation_model(stack.transformer, args.lora_dir, args.pretrained_model_name_or_path)
+    resolution = stack.transformer.config.sample_size * 8
+
+    accelerator.wait_for_everyone()  # nobody reads the directory's old state after this point
+    if accelerator.is_main_process:
+        if args.overwrite:
+            generation.clear_generated(output_dir)
+        generation.remove_stale_temporaries(output_dir)
+        generation.write_generation_config(output_dir, {**config, "resolution": resolution})
+        for name in classes:
+            (output_dir / name).mkdir(exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    everything = generation.work_items(references, extent, args.seed)
+    this_run = [item for item in everything if item.index < wanted.get(item.class_name, 0)]
+    pending = generation.unfinished(this_run, output_dir)
+    accelerator.wait_for_everyone()  # every process has listed the same unfinished images before anyone writes
+    mine = pending[accelerator.process_index :: accelerator.num_processes]
+    logger.info(
+        f"{len(this_run)} images in {len(classes)} classes, {len(this_run) - len(pending)} already made; process "
+        f"{accelerator.process_index + 1}/{accelerator.num_processes} makes {len(mine)} on {accelerator.device}.",
+        main_process_only=False,
+    )
+    settings = generation.SamplingSettings(
+        args.guidance_scale, args.num_inference_steps, args.scheduler, args.batch_size
+    )
+    for name, batches in generation.class_batches(mine, args.batch_size):
+        progress = tqdm(total=sum(map(len, batches)), desc=name, disable=not accelerator.is_main_process)
+        for batch in batches:
+            images = generation.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, batch, settings)
+            for item, image in zip(batch, images, strict=True):
+                generation.write_png_atomically(output_dir / item.file, image)
+            progress.update(len(batch))
+        progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        rows = generation.manifest_rows(output_dir, everything, config)
+        generation.write_manifest(output_dir, rows)
+        for name in extent:
+            generation.write_contact_sheet(
+                output_dir, name, [i for i in everything if i.class_name == name], resolution
+            )
+        logger.info(
+            f"{len(rows)} images listed in {output_dir / generation.MANIFEST_FILE}; contact sheets: "
+            f"{output_dir}/.contact_sheet_<CLASS>.png"
+        )
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,292 @@
+"""generate_synthetic.py on the tiny stack: layout, manifest, determinism across processes and batch sizes, resume.
+
+CPU numerics that the tests pin down explicitly:
+- Every forward runs at the full batch shape (a short batch is padded), so images do not depend on which items share
+  a batch or a process. Different batch SIZES run different GEMM/conv kernels (small-M paths), which changes a few
+  pixels by one grey level: batch 1 vs 4 is compared with that tolerance, not for byte identity.
+- oneDNN convolutions (the VAE decode) round differently for different intra-op thread counts, and torchrun gives
+  each of N processes OMP_NUM_THREADS=1. So every run here uses one thread, the same for one process and for two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, launch_command
+from pixcell_ext import NCT_CLASSES, artifacts, generation, models
+from pixcell_ext.adapter import AdapterConfig, UNIAdapter, save_adapter
+from pixcell_ext.conditioning import AdaptedPixCell
+from pixcell_ext.data import DataError
+from pixcell_ext.lora import LoRAConfig, LoRAMismatchError, inject_lora, merge_lora
+
+sys.path.insert(0, str(REPO))
+import generate_synthetic  # noqa: E402
+
+N = 3  # per class: one short batch of 3 at batch size 4, split 2 + 1 over two processes
+STEPS = "3"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_run_dir(transformer_path: Path, directory: Path, seed: int = 0) -> Path:
+    """A training output with a LoRA and an adapter that both change the images."""
+    transformer = models.load_transformer(str(transformer_path))
+    model = AdaptedPixCell(
+        transformer, UNIAdapter(AdapterConfig(embed_dim=transformer.config.caption_channels, hidden_dim=64))
+    )
+    lora_config = LoRAConfig(rank=4)
+    inject_lora(transformer, lora_config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "adapter.fc2" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    artifacts.save_trained(directory, model, lora_config)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_stack, tmp_path_factory) -> Path:
+    return make_run_dir(tiny_stack.pixcell, tmp_path_factory.mktemp("lora-run"))
+
+
+def cli(tiny_stack, run_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--preset", "tiny", "--tiny_dir", str(tiny_stack.pixcell.parent), "--lora_dir", str(run_dir),
+        "--output_dir", str(output_dir), "--num_images_per_class", str(N), "--num_inference_steps", STEPS,
+        "--batch_size", "4", *extra,
+    ]  # fmt: skip
+
+
+def generate(*argv: str) -> None:
+    generate_synthetic.main(generate_synthetic.parse_args(list(argv)))
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def png_bytes(output_dir: Path) -> dict[str, bytes]:
+    return {p.relative_to(output_dir).as_posix(): p.read_bytes() for p in sorted(output_dir.glob("*/*.png"))}
+
+
+def leftovers(output_dir: Path) -> list[Path]:
+    return [p for p in output_dir.rglob("*") if ".tmp" in p.name]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_stack, run_dir, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("reference")
+    generate(*cli(tiny_stack, run_dir, output_dir))
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def batch_one(tiny_stack, run_dir, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("batch-one")
+    generate(*cli(tiny_stack, run_dir, output_dir, "--batch_size", "1"))
+    return output_dir
+
+
+def test_tiny_preset_writes_class_folders_and_a_complete_manifest(reference, run_dir):
+    for name in NCT_CLASSES:
+        assert sorted(p.name for p in (reference / name).iterdir()) == [f"gen_{i:04d}.png" for i in range(N)]
+        image = Image.open(reference / name / "gen_0000.png")
+        assert image.size == (64, 64) and image.mode == "RGB"
+        assert (reference / f".contact_sheet_{name}.png").is_file()
+    rows = generation.read_manifest(reference)
+    assert list(rows[0]) == list(generation.MANIFEST_COLUMNS)
+    assert [(r["class"], int(r["index"])) for r in rows] == [(c, i) for c in NCT_CLASSES for i in range(N)]
+    assert all(r["file"] == f"{r['class']}/gen_{int(r['index']):04d}.png" for r in rows)
+    assert all(r["conditioning"] == "reference" and r["reference"].startswith(r["class"] + "/") for r in rows)
+    assert len({r["seed"] for r in rows}) == len(rows)
+    assert {r["lora_sha256"] for r in rows} == {generation.lora_sha256(str(run_dir))}
+    assert {(r["guidance_scale"], r["num_inference_steps"], r["scheduler"]) for r in rows} == {("2.0", STEPS, "dpm")}
+    assert not leftovers(reference)
+    config = json.loads((reference / generation.CONFIG_FILE).read_text())
+    assert config["images_per_class"] == dict.fromkeys(NCT_CLASSES, N) and config["resolution"] == 64
+
+
+def test_two_processes_write_the_bytes_of_one_process(tiny_stack, run_dir, reference, tmp_path):
+    output_dir = tmp_path / "two"
+    command = launch_command(2, "generate_synthetic.py", *cli(tiny_stack, run_dir, output_dir))
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "process 2/2 makes" in result.stderr  # two processes really shared the work
+    assert png_bytes(output_dir) == png_bytes(reference)
+    assert (output_dir / "manifest.csv").read_bytes() == (reference / "manifest.csv").read_bytes()
+
+
+def test_batch_size_one_matches_batch_size_four_to_one_grey_level(reference, batch_one):
+    # Not byte-identical on CPU: batch 1 runs other (small-M) GEMM/conv kernels than batch 4, whose rounding flips a
+    # few pixels by one grey level. Measured: max |difference| 1; 8 of 331,776 values differ (6 of 27 images).
+    a, b = png_bytes(reference), png_bytes(batch_one)
+    assert a.keys() == b.keys()
+    first = np.stack([np.asarray(Image.open(reference / name)) for name in a]).astype(int)
+    second = np.stack([np.asarray(Image.open(batch_one / name)) for name in a]).astype(int)
+    difference = np.abs(first - second)
+    assert difference.max() <= 1
+    assert (difference == 0).mean() >= 0.999
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_stack, run_dir, batch_one, tmp_path):
+    output_dir = tmp_path / "killed"
+    argv = cli(tiny_stack, run_dir, output_dir, "--batch_size", "1")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "generate_synthetic.py"), *argv], cwd=REPO, env=subprocess_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list(output_dir.glob("*/gen_*.png")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    finished = {p: p.stat().st_mtime_ns for p in output_dir.glob("*/gen_*.png")}
+    assert 0 < len(finished) < len(NCT_CLASSES) * N, "the run was not interrupted mid-way"
+    (output_dir / "TUM" / ".gen_0002.png.12345.tmp").write_bytes(b"\x89PNG truncated")  # a write cut short
+
+    generate(*argv)
+    assert png_bytes(output_dir) == png_bytes(batch_one)
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items()), "finished images were redone"
+    assert not leftovers(output_dir)
+    assert len(generation.read_manifest(output_dir)) == len(NCT_CLASSES) * N
+
+
+def test_missing_class_folder_falls_back_to_unconditional(tiny_stack, run_dir, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_stack.data, data)
+    shutil.rmtree(data / "MUC")  # missing
+    for path in (data / "NORM").iterdir():  # empty
+        path.unlink()
+    output_dir = tmp_path / "out"
+    generate(*cli(tiny_stack, run_dir, output_dir, "--reference_data_dir", str(data), "--classes", "ADI", "MUC",
+                  "NORM", "--num_images_per_class", "2"))  # fmt: skip
+    rows = {r["file"]: r for r in generation.read_manifest(output_dir)}
+    assert sorted(rows) == [f"{c}/gen_{i:04d}.png" for c in ("ADI", "MUC", "NORM") for i in range(2)]
+    unconditional = {f for f, r in rows.items() if (r["conditioning"], r["reference"]) == ("unconditional", "none")}
+    assert unconditional == {f"{c}/gen_{i:04d}.png" for c in ("MUC", "NORM") for i in range(2)}
+    assert "MUC: no reference tiles" in caplog.text and "NORM: no reference tiles" in caplog.text
+    assert json.loads((output_dir / generation.CONFIG_FILE).read_text())["references"]["MUC"] is None
+
+
+def test_merged_lora_generates_what_the_unmerged_lora_generates(tiny_stack, run_dir):
+    stack = models.load_pixcell_stack(str(tiny_stack.pixcell), str(tiny_stack.vae), str(tiny_stack.uni))
+    model = artifacts.load_trained(run_dir, stack.transformer)
+    files = generation.class_files(tiny_stack.data, ["TUM", "LYM"])
+    references = {
+        n: generation.choose_references(f, 2, seed=0, class_name=n, skip_bad_images=False) for n, f in files.items()
+    }
+    items = generation.work_items(references, {"TUM": 2, "LYM": 2}, seed=0)
+    settings = generation.SamplingSettings(2.0, 3, "dpm", 4)
+    unmerged = generation.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, items, settings)
+    merge_lora(stack.transformer)
+    merged = generation.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, items, settings)
+    difference = np.abs(unmerged.astype(int) - merged.astype(int))
+    assert difference.max() <= 1 and (difference == 0).mean() >= 0.999
+    base = models.load_pixcell_stack(str(tiny_stack.pixcell), str(tiny_stack.vae), str(tiny_stack.uni))
+    plain = generation.load_generation_model(base.transformer, None, "base")
+    without = generation.generate_batch(plain, base.uni, base.vae, base.scheduler_config, items, settings)
+    assert np.abs(without.astype(int) - merged.astype(int)).mean() > 1, "the LoRA/adapter must matter for this test"
+
+
+def test_rerun_skips_and_keeps_the_manifest_and_more_images_extend_it(tiny_stack, run_dir, reference, tmp_path):
+    output_dir = tmp_path / "copy"
+    shutil.copytree(reference, output_dir)
+    mtimes = {p: p.stat().st_mtime_ns for p in output_dir.glob("*/gen_*.png")}
+    generate(*cli(tiny_stack, run_dir, output_dir, "--classes", "TUM"))
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    assert (output_dir / "manifest.csv").read_bytes() == (reference / "manifest.csv").read_bytes()
+    generate(*cli(tiny_stack, run_dir, output_dir, "--classes", "TUM", "--num_images_per_class", str(N + 1)))
+    rows = generation.read_manifest(output_dir)
+    assert len(rows) == len(NCT_CLASSES) * N + 1 and rows[-1]["file"] == f"TUM/gen_{N:04d}.png"
+    assert png_bytes(output_dir).keys() - png_bytes(reference).keys() == {f"TUM/gen_{N:04d}.png"}
+
+
+def test_other_configuration_is_refused_and_overwrite_regenerates(tiny_stack, run_dir, reference, tmp_path):
+    output_dir = tmp_path / "other"
+    shutil.copytree(reference, output_dir)
+    with pytest.raises(generation.GenerationConfigError, match=r"(?s)seed: 0 -> 1.*guidance_scale.*--overwrite"):
+        generate(*cli(tiny_stack, run_dir, output_dir, "--seed", "1", "--guidance_scale", "3"))
+    other_run = make_run_dir(tiny_stack.pixcell, tmp_path / "other-run", seed=1)
+    with pytest.raises(generation.GenerationConfigError, match="lora_sha256"):
+        generate(*cli(tiny_stack, run_dir, output_dir), "--lora_dir", str(other_run))  # the last --lora_dir wins
+    assert png_bytes(output_dir) == png_bytes(reference)  # refused before touching anything
+
+    generate(*cli(tiny_stack, run_dir, output_dir, "--seed", "1", "--classes", "ADI", "--num_images_per_class", "1",
+                  "--overwrite"))  # fmt: skip
+    assert sorted(png_bytes(output_dir)) == ["ADI/gen_0000.png"]
+    assert png_bytes(output_dir)["ADI/gen_0000.png"] != png_bytes(reference)["ADI/gen_0000.png"]
+    assert [r["file"] for r in generation.read_manifest(output_dir)] == ["ADI/gen_0000.png"]
+
+
+def test_images_without_a_config_are_refused_and_a_config_without_images_binds_nothing(
+    tiny_stack, run_dir, reference, tmp_path
+):
+    output_dir = tmp_path / "notebook"
+    (output_dir / "ADI").mkdir(parents=True)
+    shutil.copy(reference / "ADI" / "gen_0000.png", output_dir / "ADI" / "gen_0000.png")
+    with pytest.raises(generation.GenerationConfigError, match="no generation_config.json"):
+        generate(*cli(tiny_stack, run_dir, output_dir))
+    stopped = tmp_path / "stopped-before-the-first-image"
+    stopped.mkdir()
+    shutil.copy(reference / generation.CONFIG_FILE, stopped / generation.CONFIG_FILE)
+    generate(*cli(tiny_stack, run_dir, stopped, "--seed", "1", "--classes", "ADI", "--num_images_per_class", "1"))
+    assert json.loads((stopped / generation.CONFIG_FILE).read_text())["seed"] == 1
+
+
+def test_unreadable_reference_tiles_fail_clearly_or_are_skipped(tiny_stack, tmp_path):
+    folder = tmp_path / "ADI"
+    shutil.copytree(tiny_stack.data / "ADI", folder)
+    bad = folder / "ADI-broken.tif"
+    bad.write_bytes(b"II*\x00 not a tiff")
+    files = sorted(folder.iterdir())
+    with pytest.raises(DataError, match="ADI-broken.tif.*--skip_bad_images"):
+        generation.choose_references(files, len(files), seed=0, class_name="ADI", skip_bad_images=False)
+    chosen = generation.choose_references(files, len(files), seed=0, class_name="ADI", skip_bad_images=True)
+    assert bad not in chosen and sorted(chosen) == [f for f in files if f != bad]
+
+
+def test_lora_dir_of_another_model_is_refused(tiny_stack, run_dir, tmp_path):
+    other = models.PixCellTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, num_layers=2, cross_attention_dim=32, sample_size=8,
+        caption_channels=32, interpolation_scale=0.5,
+    )  # fmt: skip
+    other.save_pretrained(tmp_path / "other" / "transformer")
+    run = make_run_dir(tmp_path / "other", tmp_path / "run")
+    with pytest.raises(LoRAMismatchError, match=r"(?s)does not fit the model.*missing keys \(24\)"):
+        generation.load_generation_model(models.load_transformer(str(tiny_stack.pixcell)), str(run), "tiny")
+    wide = tmp_path / "wide-adapter"
+    shutil.copytree(run_dir, wide)
+    save_adapter(UNIAdapter(AdapterConfig(embed_dim=48, hidden_dim=8)), wide / "adapter.safetensors")
+    with pytest.raises(LoRAMismatchError, match="48-d UNI embeddings but the transformer expects 32"):
+        generation.load_generation_model(models.load_transformer(str(tiny_stack.pixcell)), str(wide), "tiny")
+
+
+def test_work_list_reuses_references_cyclically_and_lists_unfinished_images(tmp_path):
+    references = {"A": [Path("a0"), Path("a1")], "B": []}
+    items = generation.work_items(references, {"A": 5, "B": 2}, seed=0)
+    assert [i.reference for i in items[:5]] == [Path(p) for p in ("a0", "a1", "a0", "a1", "a0")]
+    assert [i.reference for i in items[5:]] == [None, None]
+    assert len({i.seed for i in items}) == len(items)
+    (tmp_path / "A").mkdir()
+    (tmp_path / "A" / "gen_0003.png").touch()
+    assert [(i.class_name, i.index) for i in generation.unfinished(items, tmp_path)] == [
+        ("A", 0), ("A", 1), ("A", 2), ("A", 4), ("B", 0), ("B", 1)
+    ]  # fmt: skip
