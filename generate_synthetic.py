@@ -82,11 +82,21 @@ def main(args: argparse.Namespace) -> None:
         )
         for name, paths in files.items()
     }
+    trained_classes = generation.trained_class_names(args.lora_dir)
+    if trained_classes is not None and set(classes) - set(trained_classes):
+        raise ValueError(
+            f"--lora_dir {args.lora_dir} was trained with class conditioning on {list(trained_classes)}; it cannot "
+            f"generate {sorted(set(classes) - set(trained_classes))}. Pass --classes from that list."
+        )
+    fallback = (
+        "its class embedding alone (conditioning=class-only)"
+        if trained_classes
+        else ("the adapted unconditional embedding (conditioning=unconditional)")
+    )
     for name in classes:
         if not references[name]:
             logger.warning(
-                f"{name}: no reference tiles in '{args.reference_data_dir}/{name}'; generating from the "
-                "adapted unconditional embedding (manifest: conditioning=unconditional)."
+                f"{name}: no reference tiles in '{args.reference_data_dir}/{name}'; generating from {fallback}."
             )
 
     stack = models.load_pixcell_stack(
@@ -98,7 +108,7 @@ def main(args: argparse.Namespace) -> None:
         revision=args.revision,
     )
     model = generation.load_generation_model(stack.transformer, args.lora_dir, args.pretrained_model_name_or_path)
-    resolution = stack.transformer.config.sample_size * 8
+    resolution = stack.transformer.config.sample_size * models.vae_scale_factor(stack.vae)
 
     accelerator.wait_for_everyone()  # nobody reads the directory's old state after this point
     if accelerator.is_main_process:

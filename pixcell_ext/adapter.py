@@ -107,13 +107,18 @@ def save_adapter(adapter: UNIAdapter, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def load_adapter(path: str | os.PathLike) -> UNIAdapter:
+def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
+    """The config stored in an adapter file, without loading its weights."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if "adapter_config" not in metadata:
         raise ValueError(f"'{path}' has no adapter_config metadata: it was not written by save_adapter.")
-    adapter = UNIAdapter(AdapterConfig(**json.loads(metadata["adapter_config"])))
+    return AdapterConfig(**json.loads(metadata["adapter_config"]))
+
+
+def load_adapter(path: str | os.PathLike) -> UNIAdapter:
+    adapter = UNIAdapter(read_adapter_config(path))
     adapter.load_state_dict(load_file(str(path)), strict=True)
     return adapter

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixcell_ext.adapter import ADAPTER_FILE, AdapterConfig, UNIAdapter
+from pixcell_ext.adapter import ADAPTER_FILE, AdapterConfig, UNIAdapter, read_adapter_config
 from pixcell_ext.artifacts import LORA_FILE, load_trained, read_training_config, write_json_atomically
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.data import DataError, center_square, file_digest, read_rgb, resized_uint8, scan_image_folder
@@ -105,7 +105,8 @@ def tiny_generation(stack: TinyStack) -> dict:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One image to make. `reference` is None for a class without reference tiles (unconditional fallback)."""
+    """One image to make. `reference` is None for a class without reference tiles (class-only with class
+    conditioning, else unconditional)."""
 
     class_name: str
     index: int
@@ -267,12 +268,18 @@ def generate_batch(
     padded = items + [items[-1]] * (settings.batch_size - len(items))
     device = model.transformer.device
     null_context = model.unconditional_context(len(padded))
+    class_ids = None
+    fallback = null_context
+    if model.adapter.class_embedding is not None:
+        class_ids = model.adapter.class_ids([item.class_name for item in padded])
+        fallback = model.class_only_context(class_ids)
     conditional = torch.tensor([item.reference is not None for item in padded], device=device)
-    context = null_context
+    context = fallback
     if conditional.any():
         blank = torch.zeros(3, UNI_IMAGE_SIZE, UNI_IMAGE_SIZE, dtype=torch.uint8)
         pixels = torch.stack([reference_pixels(i.reference) if i.reference else blank for i in padded])
-        context = torch.where(conditional.view(-1, 1, 1), model.context(uni(pixels.to(device))), null_context)
+        with_reference = model.context(uni(pixels.to(device)), labels=class_ids)
+        context = torch.where(conditional.view(-1, 1, 1), with_reference, fallback)
     latents = sample_latents_cfg(
         model.transformer,
         scheduler_config,
@@ -349,6 +356,7 @@ def generation_config(
         "vae": model_identity(args.vae_name_or_path),
         "uni": model_identity(args.uni_model_name_or_path),
         "lora_sha256": lora_sha256(args.lora_dir),
+        "class_conditioning": trained_class_names(args.lora_dir) is not None,
         "seed": args.seed,
         "guidance_scale": args.guidance_scale,
         "num_inference_steps": args.num_inference_steps,
@@ -407,6 +415,20 @@ def write_generation_config(output_dir: Path, config: dict) -> None:
 # ---------------------------------------------------------------------------------------------- manifest, sheets
 
 
+def conditioning_label(item: WorkItem, class_conditioning: bool) -> str:
+    if class_conditioning:
+        return "reference+class" if item.reference else "class-only"
+    return "reference" if item.reference else "unconditional"
+
+
+def trained_class_names(lora_dir: str | None) -> tuple[str, ...] | None:
+    """The classes a run's adapter was class-conditioned on, or None (no run, or no class conditioning)."""
+    if lora_dir is None or not (Path(lora_dir) / ADAPTER_FILE).exists():
+        return None
+    config = read_adapter_config(Path(lora_dir) / ADAPTER_FILE)
+    return config.class_names if config.class_conditioning else None
+
+
 def manifest_rows(output_dir: Path, items: list[WorkItem], config: dict) -> list[dict]:
     """One row per item whose PNG exists, in (class, index) order; rebuilt from the configuration on every run."""
     sources, reference_root = config["sources"], Path(config["sources"]["reference_data_dir"])
@@ -419,7 +441,7 @@ def manifest_rows(output_dir: Path, items: list[WorkItem], config: dict) -> list
                 "file": item.file,
                 "class": item.class_name,
                 "index": item.index,
-                "conditioning": "reference" if item.reference else "unconditional",
+                "conditioning": conditioning_label(item, config.get("class_conditioning", False)),
                 "reference": item.reference.relative_to(reference_root).as_posix() if item.reference else "none",
                 "seed": item.seed,
                 "guidance_scale": config["guidance_scale"],

@@ -100,6 +100,9 @@ def _write_vae(folder: Path) -> None:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
+    # A trained VAE has a narrow posterior; a random one has std ~1, which would bury the image under sampling noise.
+    with torch.no_grad():
+        vae.encoder.conv_out.bias[16:].fill_(-8.0)
     vae.save_pretrained(folder / "vae")
 
 

@@ -1,13 +1,16 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_generate import cli, generate
 from test_train import logged_losses, run_training, trained_weights
 
-from pixcell_ext import NCT_CLASSES
+from pixcell_ext import NCT_CLASSES, generation
 from pixcell_ext.adapter import ADAPTER_FILE, AdapterConfig, UNIAdapter, load_adapter
+from pixcell_ext.artifacts import save_trained
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.lora import LoRAConfig, block_rank_pattern, inject_lora, lora_layers
 from pixcell_ext.models import load_transformer
@@ -108,3 +111,39 @@ def test_class_head_loss_falls_on_the_toy_set(tiny_stack, tmp_path):
     assert len(class_losses) == 40
     assert np.mean(class_losses[-8:]) < 0.7 * np.mean(class_losses[:8])
     assert np.mean(logged_losses(output_dir, "class_accuracy")[-8:]) > 0.5
+
+
+@pytest.fixture
+def class_run_dir(tiny_stack, tmp_path):
+    """A class-conditioned run whose class embeddings differ, as after training."""
+    transformer = load_transformer(str(tiny_stack.pixcell))
+    model = AdaptedPixCell(transformer, class_adapter(class_head=False))
+    lora_config = LoRAConfig(rank=4)
+    inject_lora(transformer, lora_config)
+    with torch.no_grad():
+        model.adapter.class_embedding.weight.normal_(std=2.0, generator=torch.Generator().manual_seed(0))
+    save_trained(tmp_path / "run", model, lora_config)
+    return tmp_path / "run"
+
+
+def test_class_only_generation_for_a_class_without_references(tiny_stack, class_run_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_stack.data, data)
+    shutil.rmtree(data / "MUC")
+    output_dir = tmp_path / "out"
+    generate(*cli(tiny_stack, class_run_dir, output_dir, "--reference_data_dir", str(data), "--classes", "ADI", "MUC",
+                  "--num_images_per_class", "2"))  # fmt: skip
+    rows = {r["file"]: r for r in generation.read_manifest(output_dir)}
+    assert {f: (r["conditioning"], r["reference"]) for f, r in rows.items() if r["class"] == "MUC"} == {
+        f"MUC/gen_{i:04d}.png": ("class-only", "none") for i in range(2)
+    }
+    assert {r["conditioning"] for r in rows.values() if r["class"] == "ADI"} == {"reference+class"}
+    assert (output_dir / "MUC" / "gen_0001.png").is_file()
+
+
+def test_class_conditioned_run_refuses_classes_it_was_not_trained_on(tiny_stack, class_run_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_stack.data / "ADI", data / "ADI")
+    shutil.copytree(tiny_stack.data / "TUM", data / "GLAND")
+    with pytest.raises(ValueError, match="cannot generate \\['GLAND'\\]"):
+        generate(*cli(tiny_stack, class_run_dir, tmp_path / "out", "--reference_data_dir", str(data)))
