@@ -31,11 +31,8 @@ PRESETS = {"tiny": generation.tiny_generation}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     presets.add_preset_arguments(parser, PRESETS)
-    group = parser.add_argument_group("models")
-    group.add_argument("--pretrained_model_name_or_path", default=models.PIXCELL_256_ID)
-    group.add_argument("--revision", default=None)
-    group.add_argument("--vae_name_or_path", default=models.SD35_VAE_ID, help="Folder or hub id holding vae/.")
-    group.add_argument("--uni_model_name_or_path", default=models.UNI2H_ID, help="hf-hub:id, a folder or a file.")
+    presets.add_model_arguments(parser)
+    group = parser.add_argument_group("trained weights and precision")
     group.add_argument("--lora_dir", default=None, help="Output of train_adapter_lora.py; default: base PixCell.")
     group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     group = parser.add_argument_group("data")

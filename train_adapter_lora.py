@@ -46,11 +46,7 @@ PRESETS = {"tiny": presets.tiny_training}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     presets.add_preset_arguments(parser, PRESETS)
-    group = parser.add_argument_group("models")
-    group.add_argument("--pretrained_model_name_or_path", default=models.PIXCELL_256_ID)
-    group.add_argument("--revision", default=None)
-    group.add_argument("--vae_name_or_path", default=models.SD35_VAE_ID, help="Folder or hub id holding vae/.")
-    group.add_argument("--uni_model_name_or_path", default=models.UNI2H_ID, help="hf-hub:id, a folder or a file.")
+    presets.add_model_arguments(parser)
     group = parser.add_argument_group("data")
     group.add_argument("--train_data_dir", default=None, help="One folder per class (.tif/.png/.jpg).")
     group.add_argument("--dataset_name", default=None, help="A hub dataset with image and label columns.")

@@ -21,8 +21,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,14 +31,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pixcell_ext.data import ImageFolderIndex, center_square, file_digest, read_rgb, resized_uint8
-from pixcell_ext.features import model_identity
+from pixcell_ext.features import ShardStore, model_identity
 from pixcell_ext.metrics import (
     fd_sample_warning,
     frechet_distance,
@@ -51,7 +48,7 @@ from pixcell_ext.metrics import (
 from pixcell_ext.models import IMAGENET_MEAN, IMAGENET_STD, UNI_IMAGE_SIZE, load_uni
 from pixcell_ext.probe import colour_histogram_features, tstr_trtr
 from pixcell_ext.seeding import derived_seed
-from pixcell_ext.tiny import TINY_RESOLUTION, TinyStack
+from pixcell_ext.tiny import TINY_RESOLUTION, TinyStack, write_folder_once
 
 SHARD_ROWS = 1024
 INCEPTION_IMAGE_SIZE = 299
@@ -381,50 +378,22 @@ def hash_files(accelerator: Accelerator, paths: Sequence[Path]) -> list[str]:
     return [digests[i] for i in range(len(paths))]
 
 
-class FeatureStore:
-    """Features of one extractor keyed by file digest, in safetensors shards written atomically (one per flush).
-
-    Each process writes its own shards under unique names, so processes never write the same file, and a killed
-    run loses only the shard in progress.
-    """
+class FeatureStore(ShardStore):
+    """Features of one extractor keyed by file digest; a human-readable `identity.txt` says which extractor."""
 
     def __init__(self, directory: str | os.PathLike, identity: str):
-        self.directory = Path(directory)
+        super().__init__(directory)
         self.identity = identity
-        self.rows: dict[str, tuple[str, int]] = {}
-        self.refresh()
 
-    def refresh(self) -> None:
-        for shard in sorted(self.directory.glob("shard-*.safetensors")):
-            with safe_open(str(shard), framework="pt") as handle:
-                keys = json.loads(handle.metadata()["keys"])
-            for row, key in enumerate(keys):
-                self.rows.setdefault(key, (shard.name, row))
-
-    def write(self, keys: list[str], features: Tensor) -> None:
-        """Add one shard; the folder and its human-readable ``identity.txt`` are created with the first one."""
+    def write_features(self, keys: list[str], features: Tensor) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         identity_file = self.directory / "identity.txt"
         if not identity_file.exists():
             _write_text_atomically(identity_file, self.identity + "\n")
-        name = f"shard-{uuid.uuid4().hex}.safetensors"
-        tmp = self.directory / f".{name}.tmp"
-        save_file({"features": features.float().contiguous()}, tmp, metadata={"keys": json.dumps(keys)})
-        os.replace(tmp, self.directory / name)
+        self.write(keys, {"features": features})
 
-    def read(self, keys: Sequence[str]) -> np.ndarray:
-        by_shard: dict[str, list[tuple[int, int]]] = {}
-        for position, key in enumerate(keys):
-            shard, row = self.rows[key]
-            by_shard.setdefault(shard, []).append((position, row))
-        out: np.ndarray | None = None
-        for shard, pairs in by_shard.items():
-            table = load_file(self.directory / shard)["features"].numpy()
-            if out is None:
-                out = np.empty((len(keys), table.shape[1]), dtype=np.float32)
-            positions, rows = zip(*pairs, strict=True)
-            out[list(positions)] = table[list(rows)]
-        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+    def read_features(self, keys: Sequence[str]) -> np.ndarray:
+        return self.read(list(keys), "features").numpy() if keys else np.empty((0, 0), dtype=np.float32)
 
 
 def compute_features(
@@ -461,16 +430,16 @@ def compute_features(
             pending_keys.extend(mine[start : start + len(images)])
             progress.update(len(images) * accelerator.num_processes)
             if len(pending_keys) >= SHARD_ROWS:
-                store.write(pending_keys, torch.cat(pending))
+                store.write_features(pending_keys, torch.cat(pending))
                 pending_keys, pending = [], []
         if pending_keys:
-            store.write(pending_keys, torch.cat(pending))
+            store.write_features(pending_keys, torch.cat(pending))
         progress.close()
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
     store.refresh()
-    return store.read(list(digests))
+    return store.read_features(list(digests))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -915,23 +884,6 @@ def plot_projection(
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _write_folder_once(target: Path, writer: Callable[[Path], None]) -> Path:
-    """Build ``target`` under a temporary name and rename it; concurrent processes: the first rename wins."""
-    if target.exists():
-        return target
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        shutil.rmtree(tmp)
-    return target
-
-
 def write_standin_synthetic(real_dir: Path, target: Path, copies: int = 1, seed: int = 0) -> Path:
     """A stand-in "synthetic" folder: noisy, colour-shifted 64 px copies of the real tiles, with a manifest.
 
@@ -957,7 +909,7 @@ def write_standin_synthetic(real_dir: Path, target: Path, copies: int = 1, seed:
             writer.writerow(["file", "class", "reference", "seed", "guidance", "steps"])
             writer.writerows(rows)
 
-    return _write_folder_once(target, write)
+    return write_folder_once(target, write)
 
 
 def write_random_timm_encoder(name: str, target: Path, seed: int = 0) -> Path:
@@ -969,7 +921,7 @@ def write_random_timm_encoder(name: str, target: Path, seed: int = 0) -> Path:
         network = timm.create_model(name, pretrained=False, num_classes=0)
         save_file({k: v.contiguous() for k, v in network.state_dict().items()}, tmp / "model.safetensors")
 
-    return _write_folder_once(target, write) / "model.safetensors"
+    return write_folder_once(target, write) / "model.safetensors"
 
 
 def tiny_evaluation(stack: TinyStack) -> dict[str, Any]:

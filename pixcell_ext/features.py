@@ -43,12 +43,14 @@ def entry_keys(digests: list[str], vae_identity: str, uni_identity: str, resolut
     return [hashlib.sha256(f"{d}|{vae_identity}|{uni_identity}|{resolution}".encode()).hexdigest() for d in digests]
 
 
-class FeatureCache:
-    """A folder of safetensors shards; `rows` maps an entry key to (shard file, row)."""
+class ShardStore:
+    """Named tensors per key in safetensors shards; `rows` maps a key to (shard file, row).
+
+    Each writer adds whole shards under unique names, so processes never write the same file.
+    """
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.rows: dict[str, tuple[str, int]] = {}
         self.refresh()
 
@@ -59,13 +61,33 @@ class FeatureCache:
             for row, key in enumerate(keys):
                 self.rows.setdefault(key, (shard.name, row))
 
-    def write_shard(self, keys: list[str], mean: torch.Tensor, std: torch.Tensor, uni: torch.Tensor) -> None:
+    def write(self, keys: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
         name = f"shard-{uuid.uuid4().hex}.safetensors"
         tmp = self.directory / f".{name}.tmp"
-        tensors = {"latent_mean": mean, "latent_std": std, "uni_embedding": uni}
         tensors = {k: v.float().contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, tmp, metadata={"keys": json.dumps(keys)})
         os.replace(tmp, self.directory / name)
+
+    def read(self, keys: list[str], name: str) -> torch.Tensor:
+        """Rows of tensor `name` for `keys`, in order, reading each shard once."""
+        by_shard: dict[str, list[tuple[int, int]]] = {}
+        for position, key in enumerate(keys):
+            shard, row = self.rows[key]
+            by_shard.setdefault(shard, []).append((position, row))
+        parts: dict[int, torch.Tensor] = {}
+        for shard, pairs in by_shard.items():
+            with safe_open(str(self.directory / shard), framework="pt") as handle:
+                table = handle.get_tensor(name)
+            parts.update({position: table[row] for position, row in pairs})
+        return torch.stack([parts[i] for i in range(len(keys))])
+
+
+class FeatureCache(ShardStore):
+    """Training features: `latent_mean`, `latent_std` and `uni_embedding` per image."""
+
+    def write_features(self, keys: list[str], mean: torch.Tensor, std: torch.Tensor, uni: torch.Tensor) -> None:
+        self.write(keys, {"latent_mean": mean, "latent_std": std, "uni_embedding": uni})
 
 
 class CachedFeatureDataset(Dataset):
@@ -150,7 +172,9 @@ def _encode_into_cache(accelerator, index, keys, missing, cache, vae, uni, resol
 
 
 def _flush(cache: FeatureCache, pending: dict) -> None:
-    cache.write_shard(pending["keys"], torch.cat(pending["mean"]), torch.cat(pending["std"]), torch.cat(pending["uni"]))
+    cache.write_features(
+        pending["keys"], torch.cat(pending["mean"]), torch.cat(pending["std"]), torch.cat(pending["uni"])
+    )
     for values in pending.values():
         values.clear()
 

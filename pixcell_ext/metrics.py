@@ -24,6 +24,7 @@ ArrayLike = np.ndarray | Tensor
 
 __all__ = [
     "FeatureStats",
+    "as_feature_matrix",
     "fd_sample_warning",
     "frechet_distance",
     "frechet_distance_from_stats",
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 
-def _as_float64_numpy(x: ArrayLike, name: str) -> np.ndarray:
+def as_feature_matrix(x: ArrayLike, name: str) -> np.ndarray:
     """Return ``x`` as a 2-D float64 numpy array, with a clear error on bad shapes or non-finite values."""
     if isinstance(x, Tensor):
         x = x.detach().to("cpu", torch.float64).numpy()
@@ -97,7 +98,7 @@ class FeatureStats:
     @classmethod
     def from_features(cls, features: ArrayLike) -> FeatureStats:
         """Compute the statistics of a ``[N, D]`` feature matrix in float64 (N >= 2)."""
-        x = _as_float64_numpy(features, "features")
+        x = as_feature_matrix(features, "features")
         if x.shape[0] < 2:
             raise ValueError(f"need at least 2 samples to estimate a covariance, got {x.shape[0]}")
         mean = x.mean(axis=0)

@@ -50,6 +50,17 @@ def parse_with_preset(
     return parser.parse_args(argv)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The frozen models, by hub id or local folder, as every script names them."""
+    from pixcell_ext import models
+
+    group = parser.add_argument_group("models")
+    group.add_argument("--pretrained_model_name_or_path", default=models.PIXCELL_256_ID)
+    group.add_argument("--revision", default=None)
+    group.add_argument("--vae_name_or_path", default=models.SD35_VAE_ID, help="Folder or hub id holding vae/.")
+    group.add_argument("--uni_model_name_or_path", default=models.UNI2H_ID, help="hf-hub:id, a folder or a file.")
+
+
 def add_preset_arguments(parser: argparse.ArgumentParser, presets: dict) -> None:
     parser.add_argument(
         "--preset",

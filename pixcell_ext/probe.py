@@ -24,6 +24,8 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
+from pixcell_ext.metrics import as_feature_matrix
+
 ArrayLike = np.ndarray | Tensor
 Labels = np.ndarray | Tensor | Sequence[str] | Sequence[int]
 FeatureSet = tuple[ArrayLike, Labels]
@@ -31,15 +33,6 @@ FeatureSet = tuple[ArrayLike, Labels]
 __all__ = ["colour_histogram_features", "linear_probe", "tstr_trtr"]
 
 
-def _features(x: ArrayLike, name: str) -> np.ndarray:
-    if isinstance(x, Tensor):
-        x = x.detach().to("cpu", torch.float64).numpy()
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a [N, D] feature matrix, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return arr
 
 
 def _labels(y: Labels, n: int, name: str) -> np.ndarray:
@@ -84,8 +77,8 @@ def linear_probe(
       stops at ``max_iter`` the result is still returned with ``converged = False`` instead of a warning flood.
     Labels may be class-name strings or integer ids, but train and test must use the same kind.
     """
-    xtr = _features(train_x, "train_x")
-    xte = _features(test_x, "test_x")
+    xtr = as_feature_matrix(train_x, "train_x")
+    xte = as_feature_matrix(test_x, "test_x")
     if xtr.shape[1] != xte.shape[1]:
         raise ValueError(f"feature dimensions differ: train {xtr.shape[1]}, test {xte.shape[1]}")
     ytr = _labels(train_y, xtr.shape[0], "train_y")

@@ -39,12 +39,14 @@ def tiny_stack_paths(root: str | os.PathLike) -> TinyStack:
     return TinyStack(root / "pixcell-256-tiny", root / "sd35-vae-tiny", root / "uni2h-tiny", root / "nct-tiny")
 
 
-def _write_atomically(target: Path, writer) -> None:
+def write_folder_once(target: Path, writer) -> Path:
     """Build a folder under a temporary name and rename it, so a killed write never leaves a folder that looks done.
 
-    Several processes of one launch may race to write the same folder: the first rename wins, the others discard
-    their copy.
+    An existing folder is kept. Several processes of one launch may race to write the same folder: the first rename
+    wins, the others discard their copy.
     """
+    if target.exists():
+        return target
     tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -55,6 +57,7 @@ def _write_atomically(target: Path, writer) -> None:
         if not target.is_dir():
             raise
         shutil.rmtree(tmp)
+    return target
 
 
 def _write_pixcell(folder: Path) -> None:
@@ -147,18 +150,15 @@ def write_tiny_dataset(folder: str | os.PathLike, images_per_class: int = 4, siz
                 suffix = "tif" if i % 2 == 0 else "png"
                 Image.fromarray(_tile(rng, class_index, size)).save(tmp / name / f"{name}-{i:08d}.{suffix}")
 
-    if not folder.exists():
-        _write_atomically(folder, write)
-    return folder
+    return write_folder_once(folder, write)
 
 
 def write_tiny_stack(root: str | os.PathLike, seed: int = 0) -> TinyStack:
     """Write (once) every tiny model and the tiny dataset under `root`; existing complete parts are kept."""
     paths = tiny_stack_paths(root)
     for target, writer in ((paths.pixcell, _write_pixcell), (paths.vae, _write_vae), (paths.uni, _write_uni)):
-        if not target.exists():
-            torch.manual_seed(seed)
-            _write_atomically(target, writer)
+        torch.manual_seed(seed)
+        write_folder_once(target, writer)
     write_tiny_dataset(paths.data, seed=seed)
     return paths
 
