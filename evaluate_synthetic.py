@@ -21,7 +21,7 @@ from accelerate.logging import get_logger
 
 from pixcell_ext import evaluation, models, presets
 from pixcell_ext.data import scan_image_folder
-from pixcell_ext.runtime import check_process_group
+from pixcell_ext.runtime import check_process_group, run_main
 
 logger = get_logger(__name__)
 PRESETS = {"tiny": evaluation.tiny_evaluation}
@@ -191,4 +191,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

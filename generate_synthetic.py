@@ -22,7 +22,7 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from pixcell_ext import generation, models, presets
-from pixcell_ext.runtime import check_process_group, weight_dtype
+from pixcell_ext.runtime import check_process_group, run_main, weight_dtype
 
 logger = get_logger(__name__)
 PRESETS = {"tiny": generation.tiny_generation}
@@ -155,4 +155,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

@@ -35,6 +35,7 @@ from pixcell_ext.runtime import (
     check_process_group,
     check_replicas_identical,
     make_optimizer,
+    run_main,
     too_many_bad_steps_message,
     weight_dtype,
 )
@@ -166,12 +167,11 @@ def main(args: argparse.Namespace) -> None:
         dtype=dtype,
         device=accelerator.device,
         with_uni=not use_cache,
+        vae_decoder_only=use_cache,
         revision=args.revision,
     )
     transformer, vae, uni = stack.transformer, stack.vae, stack.uni
     resolution = args.resolution or transformer.config.sample_size * models.vae_scale_factor(vae)
-    if use_cache:
-        vae.encoder = None  # only the decoder is needed, for validation panels
     if args.enable_vae_slicing:
         vae.enable_slicing()
     if args.enable_vae_tiling:
@@ -400,4 +400,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

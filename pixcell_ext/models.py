@@ -225,8 +225,14 @@ def sampling_scheduler(scheduler_config: dict, kind: str = "dpm"):
 
 
 def load_vae(
-    name_or_path: str = SD35_VAE_ID, *, subfolder: str | None = "vae", dtype: torch.dtype = torch.float32
+    name_or_path: str = SD35_VAE_ID,
+    *,
+    subfolder: str | None = "vae",
+    dtype: torch.dtype = torch.float32,
+    decoder_only: bool = False,
 ) -> AutoencoderKL:
+    """The SD3.5 VAE, frozen. `decoder_only` drops the encoder before the caller moves it to a device (training
+    from a feature cache only decodes, for validation panels)."""
     try:
         vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype)
     except OSError as error:
@@ -238,6 +244,8 @@ def load_vae(
             f"The VAE at '{name_or_path}' has no shift_factor in its config: PixCell needs the SD3.5 VAE "
             "(16 latent channels, shift 0.0609, scale 1.5305)."
         )
+    if decoder_only:
+        vae.encoder = None
     return vae.requires_grad_(False).eval()
 
 
@@ -320,12 +328,13 @@ def load_pixcell_stack(
     device: torch.device | str = "cpu",
     with_vae: bool = True,
     with_uni: bool = True,
+    vae_decoder_only: bool = False,
     revision: str | None = None,
 ) -> PixCellStack:
     """Every frozen model of the pipeline, in the caller's dtype and device."""
     transformer = load_transformer(pretrained_model_name_or_path, dtype=dtype, revision=revision).to(device)
     scheduler_config = load_scheduler_config(pretrained_model_name_or_path, revision=revision)
-    vae = load_vae(vae_name_or_path, dtype=dtype).to(device) if with_vae else None
+    vae = load_vae(vae_name_or_path, dtype=dtype, decoder_only=vae_decoder_only).to(device) if with_vae else None
     uni = load_uni(uni_model_name_or_path, dtype=dtype).to(device) if with_uni else None
     check_stack_compatible(transformer, uni, vae)
     return PixCellStack(transformer, scheduler_config, vae, uni)

@@ -66,3 +66,18 @@ def apply_gradient_clipping_to_deepspeed(accelerator: Accelerator, max_grad_norm
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
+
+
+def run_main(main, args) -> None:
+    """Run a script's `main`; errors whose message already says what to do are printed without a traceback."""
+    import sys
+
+    from pixcell_ext.data import DataError
+    from pixcell_ext.generation import GenerationConfigError
+    from pixcell_ext.lora import LoRAMismatchError
+    from pixcell_ext.models import GatedModelError
+
+    try:
+        main(args)
+    except (DataError, GatedModelError, LoRAMismatchError, GenerationConfigError) as error:
+        sys.exit(f"error: {error}")
