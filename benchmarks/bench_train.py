@@ -1,0 +1,679 @@
+"""Images/s, FLOPs and peak memory of one adapter + LoRA training step, three ways, in the same run.
+
+    python benchmarks/bench_train.py --preset small     # CPU, ~3 min; target: cached >= 3x the notebook's way
+    python benchmarks/bench_train.py --preset tiny      # CPU, under a minute (the tiny test stack)
+    python benchmarks/bench_train.py --preset full --find_max_batch   # GPU only: real shapes, bf16, MFU
+
+Modes (same models, batch size, LoRA config and optimiser; random weights, random tiles):
+  notebook    the original notebook's way: per image, tensor -> PIL -> torchvision Resize(224)/ToTensor/Normalize
+              -> UNI2-h, and a VAE encode, every step; micro-batch 1 with gradient accumulation up to the batch.
+  on_the_fly  train_adapter_lora.py without --feature_cache: `features.batch_features` on uint8 tensors (UNI2-h
+              and VAE encode batched on the device), loss, backward, optimiser step.
+  cached      train_adapter_lora.py with --feature_cache: stored latent mean/std + UNI embedding, so only the
+              adapter + LoRA transformer forward/backward and the optimiser step remain.
+Tile decoding and the data loader's resize to 224 px (done in loader workers in training) are outside every step;
+the notebook did its PIL round trip inside the step, so it is timed there.
+
+Each round times one step of every mode in a rotating order, so load drift from other processes hits all modes
+alike; times are medians over rounds, ratios medians of the per-round ratios with their interquartile range.
+FLOPs are counted with torch's FlopCounterMode on one step (without checkpoint recomputation: model FLOPs).
+Peak memory: on CUDA `max_memory_allocated`; on CPU the kernel's peak-RSS mark (VmHWM, reset through
+/proc/self/clear_refs before the step), shown also as the rise above the RSS just before the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from torch.profiler import record_function
+from torch.utils import flop_counter
+from torchvision import transforms
+from torchvision.transforms.functional import to_pil_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pixcell_ext import data, diffusion, features, models  # noqa: E402
+from pixcell_ext.adapter import AdapterConfig, UNIAdapter  # noqa: E402
+from pixcell_ext.conditioning import AdaptedPixCell  # noqa: E402
+from pixcell_ext.lora import LoRAConfig, inject_lora, lora_parameters  # noqa: E402
+from pixcell_ext.runtime import make_optimizer, weight_dtype  # noqa: E402
+from pixcell_ext.tiny import write_tiny_stack  # noqa: E402
+
+MODES = ("notebook", "on_the_fly", "cached")
+TARGET_SPEEDUP = 3.0  # cached / notebook images/s, set for --preset small on the CPU
+TARGET_MFU = 0.35  # cached (LoRA) step, --preset full in bf16 on an H100
+MB = 2**20
+
+# PixCell's training noise schedule (IDDPM: 1000 steps, linear betas, epsilon prediction).
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+}
+# stabilityai/stable-diffusion-3.5-large vae/config.json (the presets below change only widths and sizes).
+SD35_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+# PixCell-256's transformer/config.json (see /work/shared/docs/pixcell256_state_dict_layout.json).
+PIXCELL_256 = {
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "in_channels": 16,
+    "out_channels": 32,
+    "num_layers": 28,
+    "cross_attention_dim": 1152,
+    "sample_size": 32,
+    "patch_size": 2,
+    "caption_channels": 1536,
+    "caption_num_tokens": 1,
+    "interpolation_scale": 0.5,
+    "use_additional_conditions": False,
+    "norm_type": "ada_norm_single",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model shapes and run length. `transformer=None` means the tiny stack of `pixcell_ext.tiny`, via the loaders."""
+
+    transformer: dict | None = None
+    uni: dict = field(default_factory=dict)  # overrides of models.uni2h_timm_kwargs()
+    vae: dict = field(default_factory=dict)  # overrides of SD35_VAE
+    batch_size: int = 8
+    adapter_hidden_dim: int = 1024
+    lora_rank: int = 16
+    warmup: int = 2
+    repeats: int = 9
+
+
+PRESETS = {
+    "tiny": Preset(batch_size=4, adapter_hidden_dim=64, lora_rank=4, warmup=1, repeats=9),
+    # 128 px tiles (latent 16x16). Widths chosen so that UNI : VAE encode : PixCell forward FLOPs per image stay
+    # close to the real 361 : 271 : 267, so the mode ratios mean what they would at full size.
+    "small": Preset(
+        transformer={
+            **PIXCELL_256,
+            "num_attention_heads": 8,
+            "num_layers": 6,
+            "cross_attention_dim": 576,
+            "sample_size": 16,
+            "caption_channels": 384,
+            "interpolation_scale": 0.25,
+        },
+        uni={"depth": 4, "num_heads": 6, "embed_dim": 384},
+        vae={"block_out_channels": (32, 64, 128, 128), "sample_size": 128},
+        batch_size=8,
+        warmup=1,
+        repeats=11,
+    ),
+    "full": Preset(transformer=PIXCELL_256, batch_size=32, warmup=2, repeats=20),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--batch_size", type=int, default=None, help="images per optimiser step (default: the preset's)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the preset's)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed rounds after the FLOP and memory steps (default: preset's)"
+    )
+    p.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="as accelerate does it: frozen models in this dtype, autocast (default: bf16 for full, else no)",
+    )
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument(
+        "--find_max_batch",
+        action="store_true",
+        help="CUDA: double the cached step's micro-batch until OOM; report and time the largest that fits",
+    )
+    p.add_argument("--peak_tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM bf16 dense)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time a 'cached_mb1' diagnostic mode, split the notebook step, and print the top N ops of each mode",
+    )
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+@contextlib.contextmanager
+def _diffusers_quiet():
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def build_stack(preset: Preset, device: torch.device, dtype: torch.dtype) -> models.PixCellStack:
+    """Frozen models with random weights, built directly on the device (fast even at full size)."""
+    if preset.transformer is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny = write_tiny_stack(tmp)
+            return models.load_pixcell_stack(
+                str(tiny.pixcell), str(tiny.vae), str(tiny.uni), dtype=dtype, device=device
+            )
+    import timm
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = models.PixCellTransformer2DModel(**preset.transformer)
+        uni_kwargs = {**models.uni2h_timm_kwargs(), **preset.uni}
+        vit = timm.create_model(models.UNI2H_ARCHITECTURE, pretrained=False, **uni_kwargs)
+        uni = models.UNIEncoder(vit)
+        vae = AutoencoderKL(**{**SD35_VAE, **preset.vae})
+    if dtype != torch.float32:  # as load_pixcell_stack's torch_dtype; quiet diffusers' note about `.to(dtype)`
+        with _diffusers_quiet():
+            transformer, uni, vae = (m.to(dtype) for m in (transformer, uni, vae))
+    transformer, uni, vae = (m.requires_grad_(False).eval() for m in (transformer, uni, vae))
+    models.check_stack_compatible(transformer, uni, vae)
+    return models.PixCellStack(transformer, SCHEDULER_CONFIG, vae, uni)
+
+
+@dataclass
+class Bench:
+    """Everything one training step touches, set up as train_adapter_lora.py sets it up."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module  # AdaptedPixCell, prepared by accelerate
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    noise_scheduler: object
+    vae: torch.nn.Module
+    uni: models.UNIEncoder
+    latent_shape: tuple[int, int, int]
+    resolution: int
+
+
+def setup(args: argparse.Namespace, preset: Preset) -> Bench:
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    stack = build_stack(preset, accelerator.device, weight_dtype(accelerator))
+    transformer = stack.transformer
+    torch.manual_seed(0)
+    inject_lora(transformer, LoRAConfig(rank=preset.lora_rank, alpha=preset.lora_rank))
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    adapter_config = AdapterConfig(transformer.config.caption_channels, 1, preset.adapter_hidden_dim)
+    adapter = UNIAdapter(adapter_config).to(accelerator.device)
+    trainable = [*adapter.parameters(), *lora_parameters(transformer)]
+    optimizer = make_optimizer(trainable, use_8bit=False, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    model, optimizer = accelerator.prepare(AdaptedPixCell(transformer, adapter), optimizer)
+    latent = transformer.config.sample_size
+    return Bench(
+        accelerator,
+        model,
+        trainable,
+        optimizer,
+        models.training_scheduler(stack.scheduler_config),
+        stack.vae,
+        stack.uni,
+        (transformer.config.in_channels, latent, latent),
+        latent * models.vae_scale_factor(stack.vae),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+
+
+def draw(bench: Bench, ids: torch.Tensor) -> diffusion.StepRandomness:
+    return diffusion.draw_step_randomness(
+        ids,
+        seed=0,
+        epoch=0,
+        latent_shape=bench.latent_shape,
+        num_train_timesteps=bench.noise_scheduler.config.num_train_timesteps,
+        cond_dropout=0.1,
+        device=bench.accelerator.device,
+    )
+
+
+def optimiser_update(bench: Bench) -> None:
+    with record_function("update"):
+        bench.accelerator.clip_grad_norm_(bench.trainable, 1.0)
+        bench.optimizer.step()
+        bench.optimizer.zero_grad(set_to_none=True)
+
+
+def package_step(bench: Bench, batch: dict) -> None:
+    """train_adapter_lora.py's loop body; `batch` holds pixels (on the fly) or cached features (from the cache).
+
+    The optimiser always steps (the script skips it only on a non-finite loss), so every step does the same work.
+    """
+    with bench.accelerator.accumulate(bench.model):
+        with record_function("randomness"):
+            randomness = draw(bench, batch["index"])
+        with record_function("features"):
+            latents, embedding = features.batch_features(
+                batch,
+                vae=bench.vae,
+                uni=bench.uni,
+                vae_config=bench.vae.config,
+                posterior_noise=randomness.posterior_noise,
+                augment_codes=None,
+            )
+        with record_function("loss+backward"):
+            terms = diffusion.diffusion_loss(
+                bench.model,
+                bench.noise_scheduler,
+                latents,
+                embedding,
+                randomness,
+                labels=batch["label"].to(bench.accelerator.device),
+            )
+            stats = bench.accelerator.gather(diffusion.loss_statistics(terms))  # the script's one collective
+            bool(stats[:, 0].min() == 0)  # its skip decision: a host sync every step
+            bench.accelerator.backward(terms.total)
+        optimiser_update(bench)
+
+
+NOTEBOOK_UNI_TRANSFORM = transforms.Compose(
+    [
+        transforms.Resize(models.UNI_IMAGE_SIZE),
+        transforms.ToTensor(),
+        transforms.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD),
+    ]
+)
+
+
+def notebook_step(bench: Bench, batch: dict) -> None:
+    """The original notebook: image by image, PIL round trip into UNI2-h, VAE encode, loss / n, backward; one update."""
+    tiles, device, n = batch["tiles"], bench.accelerator.device, len(batch["tiles"])
+    uni_dtype = next(bench.uni.vit.parameters()).dtype
+    for i in range(n):
+        with torch.no_grad():
+            with record_function("pil+transforms"):
+                pixels = NOTEBOOK_UNI_TRANSFORM(to_pil_image(tiles[i])).unsqueeze(0).to(device, uni_dtype)
+            with record_function("uni"):
+                embedding = bench.uni.vit(pixels).unsqueeze(1).float()
+            with record_function("vae"):
+                mean, std = models.encode_latent_distribution(bench.vae, data.vae_input(tiles[i : i + 1].to(device)))
+        with record_function("randomness"):
+            randomness = draw(bench, batch["index"][i : i + 1])
+        latents = models.posterior_latents(bench.vae.config, mean, std, randomness.posterior_noise)
+        with record_function("loss+backward"):
+            terms = diffusion.diffusion_loss(bench.model, bench.noise_scheduler, latents, embedding, randomness)
+            bench.accelerator.backward(terms.total / n)
+    optimiser_update(bench)
+
+
+def cached_microbatch_step(bench: Bench, batch: dict) -> None:
+    """Diagnostic mode (with --profile): cached features, trained micro-batch 1 with accumulation as the notebook does.
+
+    notebook - this = the notebook's per-image PIL/UNI2-h/VAE cost; this / cached = the price of micro-batch 1 alone.
+    """
+    n = len(batch["index"])
+    for i in range(n):
+        row = {key: value[i : i + 1] for key, value in batch.items()}
+        randomness = draw(bench, row["index"])
+        latents, embedding = features.batch_features(
+            row,
+            vae=bench.vae,
+            uni=bench.uni,
+            vae_config=bench.vae.config,
+            posterior_noise=randomness.posterior_noise,
+            augment_codes=None,
+        )
+        terms = diffusion.diffusion_loss(bench.model, bench.noise_scheduler, latents, embedding, randomness)
+        bench.accelerator.backward(terms.total / n)
+    optimiser_update(bench)
+
+
+def make_batches(bench: Bench, batch_size: int) -> dict[str, dict]:
+    """Random tiles, as TileDataset would give them, and their cache entries computed by the package's encoders."""
+    rng = np.random.default_rng(0)
+    shape = (bench.resolution, bench.resolution, 3)
+    tiles = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(batch_size)]
+    views = [data.model_inputs(tile, bench.resolution) for tile in tiles]
+    device, index = bench.accelerator.device, torch.arange(batch_size)
+    pixels = {key: torch.stack([v[key] for v in views]).to(device) for key in ("uni_pixels", "vae_pixels")}
+    with torch.no_grad():  # what features._encode_into_cache stores
+        mean, std = models.encode_latent_distribution(bench.vae, data.vae_input(pixels["vae_pixels"]))
+        embedding = bench.uni(pixels["uni_pixels"]).squeeze(1).float()
+    common = {"index": index, "label": torch.zeros(batch_size, dtype=torch.long)}
+    cached = {**common, "latent_mean": mean, "latent_std": std, "uni_embedding": embedding}
+    return {
+        "notebook": {**common, "tiles": pixels["vae_pixels"].cpu()},
+        "on_the_fly": {**common, **pixels},
+        "cached": cached,
+    }
+
+
+def repeat_cached(batch: dict, size: int) -> dict:
+    """A cached batch of any size from a small one (only the shapes matter for speed and memory)."""
+    reps = -(-size // len(batch["index"]))
+    out = {k: v.repeat(reps, *[1] * (v.ndim - 1))[:size] for k, v in batch.items() if k != "index"}
+    return {"index": torch.arange(size), **out}
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status_kb(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field_name} in /proc/self/status")
+
+
+def peak_memory_mb(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(peak, peak minus what was in use just before the step) in MiB, for one step."""
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return peak / MB, (peak - before) / MB
+    try:  # hand freed heap back to the OS, so the rise measures this step and not the last one's leftovers
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass  # then VmHWM is the process's lifetime peak, an upper bound
+    before = _proc_status_kb("VmRSS")
+    step()
+    peak = _proc_status_kb("VmHWM")
+    return peak / 1024, (peak - before) / 1024
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch counts the CUDA attention kernels but not the CPU flash kernel; count it the same way.
+CPU_SDPA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+def count_flops(step: Callable[[], None], transformer: torch.nn.Module) -> int:
+    """Model FLOPs of one step: checkpointing is switched off while counting, so recomputation is not included."""
+    checkpointing = transformer.gradient_checkpointing
+    if checkpointing:
+        transformer.disable_gradient_checkpointing()
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+        step()
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return counter.get_total_flops()
+
+
+def time_rounds(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per step of each mode, one step per mode per round in a rotating order; warm-up rounds dropped."""
+    times = {name: [] for name in steps}
+    names = list(steps)
+    for i in range(warmup + repeats):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            steps[name]()
+            sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_ratio(slow: list[float], fast: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round speed-ups slow_time / fast_time."""
+    ratios = sorted(a / b for a, b in zip(slow, fast, strict=True))
+    q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return med, q1, q3
+
+
+def find_max_batch(bench: Bench, batch: dict, start: int) -> int:
+    """Largest power-of-two multiple of `start` for which two cached steps run without CUDA OOM."""
+    best, size = 0, start
+    while size <= 8192:
+        oom = False
+        try:
+            trial = repeat_cached(batch, size)
+            package_step(bench, trial)
+            package_step(bench, trial)
+            sync(bench.accelerator.device)
+        except torch.OutOfMemoryError:
+            oom = True
+        trial = None  # noqa: F841  (free before the next, larger try)
+        bench.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        if oom:
+            break
+        best, size = size, size * 2
+    return best
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+PHASES = ("pil+transforms", "uni", "vae", "features", "randomness", "loss+backward", "update")
+
+
+def print_profile(steps: dict[str, Callable[[], None]], device: torch.device, rows: int, count: int = 3) -> None:
+    """Per mode, over `count` steps: host ms per step in each phase (the record_function ranges), then the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, step in steps.items():
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(count):
+                step()
+            sync(device)
+            wall = (time.perf_counter() - t0) / count
+        events = {e.key: e for e in prof.key_averages()}
+        phases = ", ".join(
+            f"{phase} {events[phase].cpu_time_total / 1e3 / count:.0f}" for phase in PHASES if phase in events
+        )
+        print(
+            f"\nprofile of '{name}', {count} steps: {1e3 * wall:.0f} ms/step under the profiler; host ms/step: {phases}"
+        )
+        print(prof.key_averages().table(sort_by=sort, row_limit=rows))
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def header(args: argparse.Namespace, bench: Bench, batch_size: int, repeats: int, warmup: int) -> str:
+    transformer = bench.accelerator.unwrap_model(bench.model).transformer
+
+    def millions(params) -> float:
+        return sum(p.numel() for p in params) / 1e6
+
+    return (
+        f"bench_train: preset={args.preset} batch={batch_size} resolution={bench.resolution}px "
+        f"mixed_precision={args.mixed_precision} gradient_checkpointing={args.gradient_checkpointing} "
+        f"repeats={repeats} warmup={warmup}\n"
+        f"  machine: {machine()}; torch {torch.__version__}; {datetime.date.today().isoformat()}\n"
+        f"  trainable {millions(bench.trainable):.2f} M (adapter + LoRA rank {PRESETS[args.preset].lora_rank}); "
+        f"frozen: transformer {millions(p for p in transformer.parameters() if not p.requires_grad):.1f} M, "
+        f"UNI {millions(bench.uni.parameters()):.1f} M, VAE encoder {millions(bench.vae.encoder.parameters()):.1f} M"
+    )
+
+
+def print_table(times, flops, memory, batch_size: int, peak_flops: float | None) -> dict[str, float]:
+    """One row per mode; returns the model FLOPs utilisation of each (on CUDA)."""
+    mem_note = "max_memory_allocated" if peak_flops else "VmHWM of the process"
+    mfu_title = f"{'MFU':>8}" if peak_flops else ""
+    print(
+        f"\n  {'mode':<11}{'ms/step':>10}{'images/s':>10}{'GFLOP/img':>11}{'GFLOP/s':>9}{mfu_title}"
+        f"{'peak MiB':>10}{'step rise MiB':>15}   (peak: {mem_note})"
+    )
+    mfu = {}
+    for mode in times:
+        seconds = statistics.median(times[mode])
+        achieved = flops[mode] * batch_size / seconds
+        mfu[mode] = achieved / peak_flops if peak_flops else float("nan")
+        mfu_cell = f"{100 * mfu[mode]:>7.1f}%" if peak_flops else ""
+        print(
+            f"  {mode:<11}{1e3 * seconds:>10.1f}{batch_size / seconds:>10.2f}{flops[mode] / 1e9:>11.3g}"
+            f"{achieved / 1e9:>9.1f}{mfu_cell}{memory[mode][0]:>10.0f}{memory[mode][1]:>15.0f}"
+        )
+    return mfu
+
+
+def print_ratios(times, flops) -> None:
+    for fast in ("on_the_fly", "cached"):
+        med, q1, q3 = paired_ratio(times["notebook"], times[fast])
+        target = ""
+        if fast == "cached":
+            verdict = "PASS" if med >= TARGET_SPEEDUP else "MISS"
+            target = f"  target >= {TARGET_SPEEDUP:.1f} (set for --preset small): {verdict}"
+        flop_ratio = flops["notebook"] / flops[fast]
+        print(f"  {fast}/notebook = {med:.2f}x images/s (IQR {q1:.2f}-{q3:.2f}; FLOP ratio {flop_ratio:.2f}){target}")
+
+
+def report_max_batch(bench: Bench, batches: dict, args, flops_per_image: float, start: int, repeats: int) -> None:
+    """The MFU target is for the largest micro-batch that fits: find it, then time the cached step there."""
+    largest = find_max_batch(bench, batches["cached"], start)
+    print(f"\n  largest cached micro-batch that fits (doubling from {start}): {largest or 'none'}")
+    if not largest:
+        return
+    big = repeat_cached(batches["cached"], largest)
+
+    def step() -> None:
+        package_step(bench, big)
+
+    device = bench.accelerator.device
+    seconds = statistics.median(time_rounds({"cached": step}, repeats, 2, device)["cached"])
+    peak, _ = peak_memory_mb(step, device)
+    mfu = flops_per_image * largest / seconds / (args.peak_tflops * 1e12)
+    verdict = "PASS" if mfu >= TARGET_MFU else "MISS"
+    print(
+        f"  cached at micro-batch {largest}: {1e3 * seconds:.1f} ms/step, {largest / seconds:.1f} images/s, "
+        f"MFU {100 * mfu:.1f}%  target >= {100 * TARGET_MFU:.0f}%: {verdict}; peak {peak:.0f} MiB"
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    preset = PRESETS[args.preset]
+    cuda = torch.cuda.is_available()
+    if args.preset == "full" and not cuda:
+        sys.exit(
+            "--preset full builds the real PixCell-256 (608 M), UNI2-h (681 M) and SD3.5 VAE shapes and needs a CUDA "
+            "GPU; none is visible. On a CPU use --preset small (or tiny)."
+        )
+    if args.find_max_batch and not cuda:
+        sys.exit("--find_max_batch searches for the largest micro-batch before CUDA OOM; it needs a CUDA GPU.")
+    if args.mixed_precision is None:
+        args.mixed_precision = "bf16" if args.preset == "full" else "no"
+    batch_size = args.batch_size or preset.batch_size
+    repeats = args.repeats or preset.repeats
+    warmup = preset.warmup if args.warmup is None else args.warmup
+
+    t_start = time.perf_counter()
+    bench = setup(args, preset)
+    device = bench.accelerator.device
+    batches = make_batches(bench, batch_size)
+    step_fns = {"notebook": notebook_step, "on_the_fly": package_step, "cached": package_step}
+    if args.profile:
+        step_fns["cached_mb1"] = cached_microbatch_step
+        batches["cached_mb1"] = batches["cached"]
+    steps = {mode: (lambda m=mode: step_fns[m](bench, batches[m])) for mode in step_fns}
+    print(header(args, bench, batch_size, repeats, warmup))
+
+    # The FLOP-counting step comes first and doubles as the first touch (allocator, optimiser state), so the memory
+    # step sees a steady state; `warmup` more untimed rounds precede the timed ones.
+    transformer = bench.accelerator.unwrap_model(bench.model).transformer
+    flops = {mode: count_flops(step, transformer) / batch_size for mode, step in steps.items()}
+    memory = {mode: peak_memory_mb(step, device) for mode, step in steps.items()}
+    load_before = os.getloadavg()[0]
+    times = time_rounds(steps, repeats, warmup, device)
+    load_after = os.getloadavg()[0]
+
+    mfu = print_table(times, flops, memory, batch_size, args.peak_tflops * 1e12 if cuda else None)
+    print(
+        f"\n  1-min load average {load_before:.1f} before / {load_after:.1f} after the timed rounds on "
+        f"{os.cpu_count()} CPUs (above ~1, other processes shared the machine)"
+    )
+    print_ratios(times, flops)
+    if cuda:
+        verdict = "PASS" if mfu["cached"] >= TARGET_MFU else "MISS"
+        print(
+            f"  cached MFU = {100 * mfu['cached']:.1f}% of {args.peak_tflops:g} TFLOP/s  "
+            f"target >= {100 * TARGET_MFU:.0f}% (set for --preset full in bf16): {verdict}"
+        )
+    if args.find_max_batch:
+        report_max_batch(bench, batches, args, flops["cached"], batch_size, repeats)
+    if args.profile:
+        notebook, mb1, cached = (statistics.median(times[m]) for m in ("notebook", "cached_mb1", "cached"))
+        print(
+            f"\n  notebook step (medians) = cached features at micro-batch 1, {1e3 * mb1:.0f} ms "
+            f"({mb1 / cached:.2f}x the batched cached step) + per-image PIL/UNI2-h/VAE, {1e3 * (notebook - mb1):.0f} ms"
+        )
+        print_profile(steps, device, args.profile)
+    print(f"\n  total wall time {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main(parse_args())
