@@ -359,7 +359,8 @@ def main(args: argparse.Namespace) -> None:
             window_is_bad = False
             means = torch.stack(window_stats).mean(dim=0).tolist()
             window_stats.clear()
-            logs = {name: v for name, v in zip(diffusion.LOGGED_TERMS, means, strict=True) if not math.isnan(v)}
+            logged = diffusion.LOGGED_TERMS if args.class_loss_weight > 0 else diffusion.LOGGED_TERMS[:2]
+            logs = dict(zip(logged, means, strict=False))  # a non-finite loss is logged as such
             logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_steps=progress.skipped_steps)
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=progress.global_step)

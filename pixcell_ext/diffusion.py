@@ -114,7 +114,9 @@ LOGGED_TERMS = ("loss", "diffusion_loss", "class_loss", "class_accuracy")
 
 
 def loss_statistics(terms: LossTerms) -> torch.Tensor:
-    """[finite, *LOGGED_TERMS] as one detached vector, to be gathered across processes in one collective."""
+    """[finite, *LOGGED_TERMS] as one detached vector, to be gathered across processes in one collective.
+
+    Terms a model does not have (the class terms without a class head) are NaN and not logged."""
     values = [terms.total, terms.diffusion, terms.class_loss, terms.class_accuracy]
     values = [torch.full_like(terms.total, float("nan")) if v is None else v for v in values]
     stats = torch.stack([torch.isfinite(terms.total).to(terms.total.dtype), *values]).detach().float()

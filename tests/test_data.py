@@ -95,3 +95,21 @@ def test_hub_free_folder_copy_keeps_working(folder, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     assert len(scan_image_folder(copy, classes=["ADI", "TUM"]).records) == 4
+
+
+def test_hub_style_dataset_is_exported_once_to_class_folders(folder, tmp_path):
+    from argparse import Namespace
+
+    from accelerate import Accelerator
+
+    from pixcell_ext.data import export_hub_dataset
+
+    # `datasets` resolves a local folder the way it resolves a hub id, so this runs the real loading path offline.
+    args = Namespace(dataset_name=str(folder), dataset_split="train", image_column="image", label_column="label")
+    target = export_hub_dataset(Accelerator(cpu=True), args, tmp_path / "exported")
+    index = scan_image_folder(target)
+    assert index.class_names == scan_image_folder(folder).class_names
+    assert index.counts() == scan_image_folder(folder).counts()
+    first = sorted((target / "ADI").iterdir())[0]
+    export_hub_dataset(Accelerator(cpu=True), args, target)  # second call: kept, not rewritten
+    assert sorted((target / "ADI").iterdir())[0].stat().st_mtime_ns == first.stat().st_mtime_ns

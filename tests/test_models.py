@@ -254,3 +254,31 @@ def test_mismatched_uni_and_transformer_are_refused_at_load(stack):
 def test_remote_pipeline_needs_explicit_opt_in():
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_remote_pipeline("StonyBrook-CVLab/PixCell-256", vae=None)
+
+
+def test_min_snr_weights_and_v_prediction_target(tiny_stack):
+    from diffusers import DDPMScheduler
+
+    from pixcell_ext.diffusion import snr_weights
+
+    epsilon = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    t = torch.tensor([0, 100, 500, 999])
+    snr = epsilon.alphas_cumprod[t] / (1 - epsilon.alphas_cumprod[t])
+    assert torch.allclose(snr_weights(epsilon, t, 5.0), torch.clamp(snr, max=5.0) / snr)
+    assert snr_weights(epsilon, t, 5.0)[-1] == 1.0  # high noise: SNR < gamma, weight 1
+    v = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="v_prediction")
+    assert torch.allclose(snr_weights(v, t, 5.0), torch.clamp(snr, max=5.0) / (snr + 1))
+
+    class Oracle(torch.nn.Module):
+        """Predicts exactly the v target, so the loss must be zero if the target follows prediction_type."""
+
+        def forward(self, noisy, timesteps, uni, drop, labels, uni_drop):
+            return torch.cat([v.get_velocity(latents, randomness.noise, timesteps)] * 2, dim=1), None
+
+    latents = torch.randn(3, 16, 8, 8)
+    randomness = draw_step_randomness(
+        torch.arange(3), seed=1, epoch=0, latent_shape=(16, 8, 8), num_train_timesteps=1000, cond_dropout=0.1,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    assert diffusion_loss(Oracle(), v, latents, torch.randn(3, 1, 32), randomness).total == 0
+    assert diffusion_loss(Oracle(), epsilon, latents, torch.randn(3, 1, 32), randomness).total > 0

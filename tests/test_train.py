@@ -1,5 +1,6 @@
 """The training script run for real, as users run it: through `accelerate launch`, on the tiny stack."""
 
+import json
 import os
 import shutil
 import signal
@@ -234,3 +235,52 @@ def test_processes_that_form_no_group_are_stopped(tiny_stack, tmp_path):
     result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     assert "every process would train on its own" in result.stderr
+
+
+def poison_cache(cache_dir: Path, how_many: int | None) -> None:
+    """Put NaN into the cached latents of `how_many` tiles (all when None), as a corrupt cache or a bad tile would."""
+    from safetensors.torch import save_file
+
+    for shard in sorted(cache_dir.glob("shard-*.safetensors")):
+        from safetensors import safe_open
+
+        with safe_open(str(shard), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        rows = slice(None) if how_many is None else slice(0, how_many)
+        tensors["latent_mean"][rows] = float("nan")
+        save_file(tensors, shard, metadata=metadata)
+
+
+def test_non_finite_losses_are_skipped_counted_and_stop_the_run(tiny_stack, tmp_path):
+    cache = tmp_path / "cache"
+    run_training(tiny_stack, tmp_path / "build", "--max_train_steps", "1", "--feature_cache", str(cache))
+    poison_cache(cache, how_many=1)
+    output_dir = tmp_path / "one-bad-tile"
+    run_training(tiny_stack, output_dir, "--max_train_steps", "9", "--feature_cache", str(cache))
+    skipped = logged_losses(output_dir, "skipped_steps")
+    assert skipped[-1] == 1  # the one batch holding the bad tile, once per epoch of 9 batches
+    assert all(torch.isfinite(w).all() for w in trained_weights(output_dir).values())
+
+    poison_cache(cache, how_many=None)
+    command = launch_command(
+        1, "train_adapter_lora.py",
+        *train_args(tiny_stack, tmp_path / "all-bad", "--max_train_steps", "9", "--feature_cache", str(cache),
+                    "--max_bad_steps", "3"),
+    )  # fmt: skip
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "not finite for 3 updates in a row" in result.stderr and "--learning_rate" in result.stderr
+
+
+def test_augmentation_balance_snr_and_checkpointing_flags_train(tiny_stack, tmp_path):
+    output_dir = tmp_path / "flags"
+    run_training(
+        tiny_stack, output_dir, "--max_train_steps", "3", "--augment", "--class_balanced", "--snr_gamma", "5",
+        "--gradient_checkpointing", "--gradient_accumulation_steps", "2", "--train_batch_size", "2",
+    )  # fmt: skip
+    losses = logged_losses(output_dir)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    config = json.loads((output_dir / "training_config.json").read_text())
+    assert config["augment"] and config["class_balanced"] and config["snr_gamma"] == 5
