@@ -231,9 +231,18 @@ def main(args: argparse.Namespace) -> None:
         dataset = features.CachedFeatureDataset(index, keys, cache)
     else:
         dataset = data.TileDataset(index, resolution)
+    noise_scheduler = models.training_scheduler(stack.scheduler_config)
+    latent_size = resolution // models.vae_scale_factor(vae)
+    randomness_spec = diffusion.RandomnessSpec(
+        seed=args.seed,
+        latent_shape=(transformer.config.in_channels, latent_size, latent_size),
+        num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+        cond_dropout=args.cond_dropout,
+        reference_dropout=args.reference_dropout if args.class_conditioning else 0.0,
+    )
     sampler = data.EpochSampler([r.label for r in index.records], args.seed, class_balanced=args.class_balanced)
     train_dataloader = DataLoader(
-        dataset,
+        diffusion.WithStepRandomness(dataset, randomness_spec),
         batch_size=args.train_batch_size,
         sampler=sampler,
         num_workers=args.dataloader_num_workers,
@@ -263,7 +272,6 @@ def main(args: argparse.Namespace) -> None:
     accelerator.register_save_state_pre_hook(artifacts.checkpoint_save_hook(accelerator, lora_config))
     accelerator.register_load_state_pre_hook(artifacts.checkpoint_load_hook(accelerator))
 
-    noise_scheduler = models.training_scheduler(stack.scheduler_config)
     validation_ids = validation.first_tile_per_class(index)
     validation_embeddings = validation.reference_embeddings(dataset, validation_ids, uni, accelerator.device)
     validation_references = validation.reference_tiles(index, validation_ids, resolution)
@@ -290,8 +298,6 @@ def main(args: argparse.Namespace) -> None:
         desc="steps",
         disable=not accelerator.is_local_main_process,
     )
-    latent_size = resolution // models.vae_scale_factor(vae)
-    latent_shape = (transformer.config.in_channels, latent_size, latent_size)
     window_is_bad, bad_in_a_row, window_stats = False, 0, []
 
     for epoch in range(progress.epoch, num_epochs):
@@ -303,16 +309,7 @@ def main(args: argparse.Namespace) -> None:
         for batch in batches:
             progress.batches_in_epoch += 1
             with accelerator.accumulate(model):
-                randomness = diffusion.draw_step_randomness(
-                    batch["index"],
-                    seed=args.seed,
-                    epoch=epoch,
-                    latent_shape=latent_shape,
-                    num_train_timesteps=noise_scheduler.config.num_train_timesteps,
-                    cond_dropout=args.cond_dropout,
-                    reference_dropout=args.reference_dropout if args.class_conditioning else 0.0,
-                    device=accelerator.device,
-                )
+                randomness = diffusion.StepRandomness.from_batch(batch, accelerator.device)
                 latents, embedding = features.batch_features(
                     batch,
                     vae=vae,

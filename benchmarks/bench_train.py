@@ -259,15 +259,13 @@ def setup(args: argparse.Namespace, preset: Preset) -> Bench:
 
 
 def draw(bench: Bench, ids: torch.Tensor) -> diffusion.StepRandomness:
-    return diffusion.draw_step_randomness(
-        ids,
+    spec = diffusion.RandomnessSpec(
         seed=0,
-        epoch=0,
         latent_shape=bench.latent_shape,
         num_train_timesteps=bench.noise_scheduler.config.num_train_timesteps,
         cond_dropout=0.1,
-        device=bench.accelerator.device,
     )
+    return diffusion.draw_step_randomness(ids, epoch=0, spec=spec, device=bench.accelerator.device)
 
 
 def optimiser_update(bench: Bench) -> None:

@@ -179,9 +179,12 @@ class TileDataset(Dataset):
         return {"index": i, "label": record.label, **model_inputs(read_rgb(record.path), self.resolution)}
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[tuple[int, int]]):
     """Shuffled (or class-balanced) order that is a pure function of (seed, epoch), so a resumed run sees the rest
-    of exactly the same epoch. Class-balanced draws with replacement, each class equally likely."""
+    of exactly the same epoch. Class-balanced draws with replacement, each class equally likely.
+
+    Yields (index, epoch) pairs: the epoch travels with each index to the loader workers, which draw the sample's
+    randomness from it (`diffusion.WithStepRandomness`)."""
 
     def __init__(self, labels: list[int], seed: int, class_balanced: bool = False):
         self.labels = torch.tensor(labels)
@@ -197,11 +200,13 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(derived_seed(self.seed, "epoch-order", self.epoch))
-        if not self.class_balanced:
-            return iter(torch.randperm(len(self.labels), generator=generator).tolist())
-        counts = torch.bincount(self.labels).float()
-        weights = 1.0 / counts[self.labels]
-        return iter(torch.multinomial(weights, len(self.labels), replacement=True, generator=generator).tolist())
+        if self.class_balanced:
+            counts = torch.bincount(self.labels).float()
+            weights = 1.0 / counts[self.labels]
+            order = torch.multinomial(weights, len(self.labels), replacement=True, generator=generator)
+        else:
+            order = torch.randperm(len(self.labels), generator=generator)
+        return iter([(index, self.epoch) for index in order.tolist()])
 
 
 def dihedral(pixels: torch.Tensor, code: int) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The training objective: PixCell's IDDPM noise schedule, epsilon or v targets, optional min-SNR-gamma weighting.
 
-All randomness of a step (timestep, noise, posterior sample, condition dropout) is drawn per sample from a
-generator seeded by (seed, epoch, sample index), so a step's loss does not depend on how samples were batched,
-accumulated or spread over processes, and a resumed run draws exactly what an uninterrupted one would have.
+All randomness of a step (timestep, noise, posterior sample, condition dropout, augmentation) is drawn per sample
+from a generator seeded by (seed, epoch, sample index), in the data-loader workers, so a step's loss does not depend
+on how samples were batched, accumulated or spread over processes, and a resumed run draws exactly what an
+uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from diffusers import DDPMScheduler
 
 from pixcell_ext.seeding import generator_for
 
+RANDOMNESS_FIELDS = ("timesteps", "noise", "posterior_noise", "drop", "augment_codes", "uni_drop")
+
 
 @dataclass
 class StepRandomness:
@@ -25,35 +28,60 @@ class StepRandomness:
     augment_codes: torch.Tensor  # [B] in 0..7, a dihedral transform (used only with --augment)
     uni_drop: torch.Tensor  # [B] bool, keep the class but replace the reference (class conditioning only)
 
+    @classmethod
+    def from_batch(cls, batch: dict, device: torch.device) -> StepRandomness:
+        """The draws a `WithStepRandomness` dataset put into a collated batch; the augment codes stay on the CPU."""
+        moved = {name: batch[name] if name == "augment_codes" else batch[name].to(device) for name in RANDOMNESS_FIELDS}
+        return cls(**moved)
+
+
+@dataclass(frozen=True)
+class RandomnessSpec:
+    seed: int
+    latent_shape: tuple[int, int, int]
+    num_train_timesteps: int
+    cond_dropout: float
+    reference_dropout: float = 0.0
+
+    def draw(self, epoch: int, sample_id: int) -> dict[str, torch.Tensor]:
+        """One sample's draws, from its own generator; the order of the draws is part of the format."""
+        generator = generator_for(self.seed, epoch, sample_id)
+        return {
+            "timesteps": torch.randint(0, self.num_train_timesteps, (), generator=generator),
+            "noise": torch.randn(self.latent_shape, generator=generator),
+            "posterior_noise": torch.randn(self.latent_shape, generator=generator),
+            "drop": torch.rand((), generator=generator) < self.cond_dropout,
+            "augment_codes": torch.randint(0, 8, (), generator=generator),
+            "uni_drop": torch.rand((), generator=generator) < self.reference_dropout,
+        }
+
+
+class WithStepRandomness(torch.utils.data.Dataset):
+    """Adds each sample's draws to it, in the loader workers instead of the training loop.
+
+    The sampler yields (index, epoch) pairs (`data.EpochSampler`), so the draws need no state in the workers and
+    stay a pure function of (seed, epoch, index) however the batches are split, accumulated or resumed.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, spec: RandomnessSpec):
+        self.dataset = dataset
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, epoch = key
+        return {**self.dataset[index], **self.spec.draw(epoch, index)}
+
 
 def draw_step_randomness(
-    sample_ids: torch.Tensor,
-    *,
-    seed: int,
-    epoch: int,
-    latent_shape: tuple[int, int, int],
-    num_train_timesteps: int,
-    cond_dropout: float,
-    device: torch.device,
-    reference_dropout: float = 0.0,
+    sample_ids: torch.Tensor, *, epoch: int, spec: RandomnessSpec, device: torch.device
 ) -> StepRandomness:
-    timesteps, noise, posterior, drop, augment, uni_drop = [], [], [], [], [], []
-    for sample_id in sample_ids.tolist():
-        generator = generator_for(seed, epoch, sample_id)
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
-        noise.append(torch.randn(latent_shape, generator=generator))
-        posterior.append(torch.randn(latent_shape, generator=generator))
-        drop.append(torch.rand(1, generator=generator) < cond_dropout)
-        augment.append(torch.randint(0, 8, (1,), generator=generator))
-        uni_drop.append(torch.rand(1, generator=generator) < reference_dropout)
-    return StepRandomness(
-        timesteps=torch.cat(timesteps).to(device),
-        noise=torch.stack(noise).to(device),
-        posterior_noise=torch.stack(posterior).to(device),
-        drop=torch.cat(drop).to(device),
-        augment_codes=torch.cat(augment),
-        uni_drop=torch.cat(uni_drop).to(device),
-    )
+    """The draws of a batch of samples, as `WithStepRandomness` gives them (for code without a data loader)."""
+    draws = [spec.draw(epoch, sample_id) for sample_id in sample_ids.tolist()]
+    batch = {name: torch.stack([d[name] for d in draws]) for name in RANDOMNESS_FIELDS}
+    return StepRandomness.from_batch(batch, device)
 
 
 def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -77,11 +77,12 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
     labels = [0] * 90 + [1] * 10
     sampler = EpochSampler(labels, seed=3)
     first = list(sampler)
-    assert sorted(first) == list(range(100)) and list(sampler) == first
+    assert sorted(first) == [(i, 0) for i in range(100)] and list(sampler) == first
     sampler.set_epoch(1)
-    assert list(sampler) != first
+    second = list(sampler)
+    assert [i for i, _ in second] != [i for i, _ in first] and {e for _, e in second} == {1}
     balanced = EpochSampler(labels, seed=3, class_balanced=True)
-    drawn = [labels[i] for e in range(20) for i in (balanced.set_epoch(e), list(balanced))[1]]
+    drawn = [labels[i] for e in range(20) for i, _ in (balanced.set_epoch(e), list(balanced))[1]]
     assert 0.4 < np.mean(drawn) < 0.6
 
 
@@ -113,3 +114,15 @@ def test_hub_style_dataset_is_exported_once_to_class_folders(folder, tmp_path):
     first = sorted((target / "ADI").iterdir())[0]
     export_hub_dataset(Accelerator(cpu=True), args, target)  # second call: kept, not rewritten
     assert sorted((target / "ADI").iterdir())[0].stat().st_mtime_ns == first.stat().st_mtime_ns
+
+
+def test_step_randomness_is_a_function_of_seed_epoch_and_index():
+    from pixcell_ext.diffusion import RandomnessSpec, WithStepRandomness
+
+    spec = RandomnessSpec(seed=0, latent_shape=(4, 2, 2), num_train_timesteps=1000, cond_dropout=0.5)
+    dataset = WithStepRandomness([{"index": i} for i in range(5)], spec)
+    a, b = dataset[(3, 0)], dataset[(3, 0)]
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "index") and a["index"] == 3
+    assert not torch.equal(dataset[(3, 1)]["noise"], a["noise"])
+    assert not torch.equal(dataset[(2, 0)]["noise"], a["noise"])
+    assert not torch.equal(a["noise"], a["posterior_noise"])

@@ -10,7 +10,7 @@ import torch
 from pixcell_ext import compat
 from pixcell_ext.adapter import AdapterConfig, UNIAdapter, load_adapter, save_adapter
 from pixcell_ext.conditioning import AdaptedPixCell
-from pixcell_ext.diffusion import diffusion_loss, draw_step_randomness
+from pixcell_ext.diffusion import RandomnessSpec, diffusion_loss, draw_step_randomness
 from pixcell_ext.lora import LoRAConfig, inject_lora, lora_parameters
 from pixcell_ext.models import (
     GatedModelError,
@@ -142,11 +142,8 @@ def test_one_optimiser_step_changes_only_adapter_and_lora(tiny_stack):
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     randomness = draw_step_randomness(
         torch.arange(4),
-        seed=0,
         epoch=0,
-        latent_shape=(16, 8, 8),
-        num_train_timesteps=1000,
-        cond_dropout=0.5,
+        spec=RandomnessSpec(seed=0, latent_shape=(16, 8, 8), num_train_timesteps=1000, cond_dropout=0.5),
         device=torch.device("cpu"),
     )
     loss = diffusion_loss(
@@ -276,9 +273,7 @@ def test_min_snr_weights_and_v_prediction_target(tiny_stack):
             return torch.cat([v.get_velocity(latents, randomness.noise, timesteps)] * 2, dim=1), None
 
     latents = torch.randn(3, 16, 8, 8)
-    randomness = draw_step_randomness(
-        torch.arange(3), seed=1, epoch=0, latent_shape=(16, 8, 8), num_train_timesteps=1000, cond_dropout=0.1,
-        device=torch.device("cpu"),
-    )  # fmt: skip
+    spec = RandomnessSpec(seed=1, latent_shape=(16, 8, 8), num_train_timesteps=1000, cond_dropout=0.1)
+    randomness = draw_step_randomness(torch.arange(3), epoch=0, spec=spec, device=torch.device("cpu"))
     assert diffusion_loss(Oracle(), v, latents, torch.randn(3, 1, 32), randomness).total == 0
     assert diffusion_loss(Oracle(), epsilon, latents, torch.randn(3, 1, 32), randomness).total > 0
