@@ -14,6 +14,18 @@ from pixcell_ext.tiny import write_tiny_stack  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot to them. Byte
+    comparisons between runs also need equal thread counts: oneDNN convolutions round differently with more threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_stack(tmp_path_factory):
     return write_tiny_stack(tmp_path_factory.mktemp("tiny"))

@@ -37,12 +37,7 @@ N = 3  # per class: one short batch of 3 at batch size 4, split 2 + 1 over two p
 STEPS = "3"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run_dir(transformer_path: Path, directory: Path, seed: int = 0) -> Path:
