@@ -21,6 +21,7 @@ from accelerate.logging import get_logger
 
 from pixcell_ext import evaluation, models, presets
 from pixcell_ext.data import scan_image_folder
+from pixcell_ext.features import hash_files
 from pixcell_ext.runtime import check_process_group, run_main
 
 logger = get_logger(__name__)
@@ -115,7 +116,7 @@ def main(args: argparse.Namespace) -> None:
         random_weight_root=args.tiny_dir if args.preset == "tiny" else None,
     )
 
-    digests = evaluation.hash_files(accelerator, tiles.paths)
+    digests = hash_files(accelerator, tiles.paths)
     cache_dir = Path(args.feature_cache_dir or output_dir / "feature_cache")
     features, skipped = {}, {}
     for extractor in extractors:

@@ -30,13 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pixcell_ext.data import ImageFolderIndex, center_square, file_digest, read_rgb, resized_uint8
+from pixcell_ext.data import ImageFolderIndex, center_square, read_rgb, resized_uint8
 from pixcell_ext.features import ShardStore, model_identity
 from pixcell_ext.metrics import (
     fd_sample_warning,
@@ -364,18 +363,6 @@ class _Tiles(Dataset):
 def load_tile(path: str | os.PathLike, size: int) -> Tensor:
     """uint8 ``[3, size, size]``: centre square of the file, resized from the original pixels (PIL bicubic)."""
     return resized_uint8(center_square(read_rgb(path)), size)
-
-
-def _gather(accelerator: Accelerator, items: list) -> list:
-    return gather_object(items) if accelerator.num_processes > 1 else items
-
-
-def hash_files(accelerator: Accelerator, paths: Sequence[Path]) -> list[str]:
-    """SHA-256 of every file, split across processes; every process gets the full list, in order."""
-    mine = range(accelerator.process_index, len(paths), accelerator.num_processes)
-    pairs = [(i, file_digest(paths[i])) for i in tqdm(mine, desc="hashing", disable=not accelerator.is_main_process)]
-    digests = dict(_gather(accelerator, pairs))
-    return [digests[i] for i in range(len(paths))]
 
 
 class FeatureStore(ShardStore):

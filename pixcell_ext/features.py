@@ -128,14 +128,8 @@ def build_feature_cache(
 
     `load_encoders()` returns (vae, uni) on the device and is called only when something is missing.
     """
-    paths = [record.path for record in index.records]
-    mine = list(range(accelerator.process_index, len(paths), accelerator.num_processes))
-    hashing = tqdm(mine, desc="hashing tiles", disable=not accelerator.is_main_process)
-    digests = {i: file_digest(paths[i]) for i in hashing}
-    gathered: dict[int, str] = {}
-    for part in _gather_object(accelerator, digests):
-        gathered.update(part)
-    keys = entry_keys([gathered[i] for i in range(len(paths))], vae_identity, uni_identity, resolution)
+    digests = hash_files(accelerator, [record.path for record in index.records])
+    keys = entry_keys(digests, vae_identity, uni_identity, resolution)
     missing = sorted({key: i for i, key in enumerate(keys) if key not in cache.rows}.values())
     if missing:
         vae, uni = load_encoders()
@@ -146,10 +140,14 @@ def build_feature_cache(
     return keys
 
 
-def _gather_object(accelerator: Accelerator, obj) -> list:
+def hash_files(accelerator: Accelerator, paths: list[Path]) -> list[str]:
+    """SHA-256 of every file, split across processes; every process gets the full list, in order."""
     from accelerate.utils import gather_object
 
-    return gather_object([obj]) if accelerator.num_processes > 1 else [obj]
+    mine = range(accelerator.process_index, len(paths), accelerator.num_processes)
+    pairs = [(i, file_digest(paths[i])) for i in tqdm(mine, desc="hashing", disable=not accelerator.is_main_process)]
+    digests = dict(gather_object(pairs) if accelerator.num_processes > 1 else pairs)
+    return [digests[i] for i in range(len(paths))]
 
 
 def _encode_into_cache(accelerator, index, keys, missing, cache, vae, uni, resolution, batch_size, num_workers):

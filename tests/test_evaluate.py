@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import REPO
-from pixcell_ext import evaluation
+from pixcell_ext import evaluation, features
 from pixcell_ext.data import DataError, scan_image_folder
 from pixcell_ext.metrics import frechet_distance
 from pixcell_ext.tiny import write_tiny_dataset
@@ -71,7 +71,7 @@ def _noisy_copy(src: Path, dst: Path, sigma: float, seed: int) -> Path:
 
 def _features(accelerator, extractor, folder: Path, cache: Path) -> np.ndarray:
     paths = _files(folder)
-    digests = evaluation.hash_files(accelerator, paths)
+    digests = features.hash_files(accelerator, paths)
     return evaluation.compute_features(accelerator, extractor, paths, digests, cache, batch_size=16)
 
 
