@@ -22,6 +22,7 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from pixcell_ext import generation, models, presets
+from pixcell_ext.files import write_png_atomically
 from pixcell_ext.runtime import check_process_group, run_main, weight_dtype
 
 logger = get_logger(__name__)
@@ -135,7 +136,7 @@ def main(args: argparse.Namespace) -> None:
         for batch in batches:
             images = generation.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, batch, settings)
             for item, image in zip(batch, images, strict=True):
-                generation.write_png_atomically(output_dir / item.file, image)
+                write_png_atomically(output_dir / item.file, image)
             progress.update(len(batch))
         progress.close()
 

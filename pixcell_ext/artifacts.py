@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from pixcell_ext.adapter import ADAPTER_FILE, UNIAdapter, load_adapter, save_adapter
 from pixcell_ext.conditioning import AdaptedPixCell
+from pixcell_ext.files import write_json_atomically
 from pixcell_ext.lora import LoRAConfig, load_lora, save_lora
 from pixcell_ext.models import PixCellTransformer2DModel
 
@@ -27,12 +28,6 @@ def save_trained(directory: str | os.PathLike, model: AdaptedPixCell, lora_confi
     directory.mkdir(parents=True, exist_ok=True)
     save_adapter(model.adapter, directory / ADAPTER_FILE)
     save_lora(model.transformer, lora_config, directory / LORA_FILE)
-
-
-def write_json_atomically(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def read_training_config(directory: str | os.PathLike) -> dict:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from pixcell_ext.data import ImageFolderIndex, center_square, read_rgb, resized_uint8
 from pixcell_ext.features import ShardStore, model_identity
+from pixcell_ext.files import write_text_atomically
 from pixcell_ext.metrics import (
     fd_sample_warning,
     frechet_distance,
@@ -376,7 +377,7 @@ class FeatureStore(ShardStore):
         self.directory.mkdir(parents=True, exist_ok=True)
         identity_file = self.directory / "identity.txt"
         if not identity_file.exists():
-            _write_text_atomically(identity_file, self.identity + "\n")
+            write_text_atomically(identity_file, self.identity + "\n")
         self.write(keys, {"features": features})
 
     def read_features(self, keys: Sequence[str]) -> np.ndarray:
@@ -746,7 +747,7 @@ def write_report(output_dir: str | os.PathLike, report: dict[str, Any]) -> dict[
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "metrics.json", "csv": output_dir / "per_class_metrics.csv"}
-    _write_text_atomically(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
+    write_text_atomically(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
     tmp = paths["csv"].with_name(paths["csv"].name + ".tmp")
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, restval="")
@@ -754,12 +755,6 @@ def write_report(output_dir: str | os.PathLike, report: dict[str, Any]) -> dict[
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in csv_rows(report))
     os.replace(tmp, paths["csv"])
     return paths
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _save_figure(figure, path: Path) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -35,13 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pixcell_ext.adapter import ADAPTER_FILE, AdapterConfig, UNIAdapter, read_adapter_config
-from pixcell_ext.artifacts import LORA_FILE, load_trained, read_training_config, write_json_atomically
+from pixcell_ext.artifacts import LORA_FILE, load_trained, read_training_config
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.data import DataError, center_square, file_digest, read_rgb, resized_uint8, scan_image_folder
 from pixcell_ext.features import model_identity
+from pixcell_ext.files import write_json_atomically, write_png_atomically
 from pixcell_ext.lora import LoRAMismatchError, merge_lora
 from pixcell_ext.models import UNI_IMAGE_SIZE, AutoencoderKL, PixCellTransformer2DModel, UNIEncoder, decode_latents
 from pixcell_ext.presets import tiny_models
@@ -296,18 +295,6 @@ def generate_batch(
 # ---------------------------------------------------------------------------------------------- files
 
 
-def write_png_atomically(path: Path, image: np.ndarray) -> None:
-    """Encode in memory, write a hidden temporary file, fsync, rename: a killed run never leaves a truncated PNG."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(buffer.getvalue())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def generated_images(output_dir: Path) -> list[Path]:
     return sorted(output_dir.glob("*/gen_*.png"))
 
@@ -484,7 +471,4 @@ def write_contact_sheet(output_dir: Path, class_name: str, items: list[WorkItem]
     synthetic = [np.asarray(read_rgb(output_dir / item.file)) for item in done]
     titles = ["reference" if done[0].reference else "(none)", "synthetic"]
     sheet = contact_sheet([references, synthetic], [str(item.index) for item in done], titles)
-    path = output_dir / f".contact_sheet_{class_name}.png"
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_png_atomically(output_dir / f".contact_sheet_{class_name}.png", sheet)

@@ -6,7 +6,6 @@ The classes are split across processes and the images gathered on the main proce
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.data import ImageFolderIndex, model_inputs, read_rgb
+from pixcell_ext.files import write_png_atomically
 from pixcell_ext.models import decode_latents
 from pixcell_ext.sampling import sample_latents_cfg, to_uint8_images
 from pixcell_ext.seeding import generator_for
@@ -71,14 +71,6 @@ def generate_validation_images(
     if not accelerator.is_main_process:
         return None
     return [image for _, image in sorted(everything, key=lambda item: item[0])]
-
-
-def save_panel(panel: Image.Image, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    panel.save(tmp)
-    os.replace(tmp, path)
 
 
 def log_panel(accelerator: Accelerator, panel: Image.Image, step: int) -> None:
@@ -141,5 +133,6 @@ def run(
     )
     if accelerator.is_main_process:
         panel = contact_sheet([references, images], label_names, ["real", "synthetic"])
-        save_panel(panel, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_png_atomically(path, panel)
         log_panel(accelerator, panel, step)
