@@ -4,6 +4,12 @@ Files are written in the PEFT/diffusers layout (`transformer.<module>.lora_A.wei
 `lora_adapter_metadata`), so a checkpoint from here loads with `peft.set_peft_model_state_dict` or diffusers'
 `load_lora_adapter`, while training and inference depend only on torch and safetensors.
 
+The saved `lora_B` already holds the scaling (alpha/r, alpha/sqrt(r) for rsLoRA, per module), and the PEFT-facing
+metadata says alpha = r: a loader that ignores the metadata and falls back to alpha = r (diffusers does for a bare
+file) then builds the same weight update as one that reads it. The trained alpha is kept in our own config entry and
+the scaling is divided back out on load, so training resumes in its own parametrisation. Files written before this
+(format 1, no format entry) hold the raw B and are still read.
+
 Default targets. PixCell-256 is conditioned on ONE token (the UNI2-h embedding), so the cross-attention softmax runs
 over a single key and is identically 1: cross-attention output is `to_out(to_v(ctx))` whatever the queries and keys
 are. LoRA on `attn2.to_q` / `attn2.to_k` therefore gets ~zero gradient (measured ~1e-10 vs ~5e-4 with 16 tokens)
@@ -42,6 +48,9 @@ OPTIONAL_TARGET_MODULES: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
 _BLOCK_NAME = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
 _METADATA_KEY = "lora_adapter_metadata"
 _OUR_CONFIG_KEY = "pixcell_ext.config"
+_FORMAT_KEY = "pixcell_ext.lora_format"
+_FORMAT_RAW_B = 1  # no format entry: B stored unscaled, the scaling only in the metadata (portable at alpha = r only)
+_FORMAT_SCALED_B = 2
 _MAX_LISTED = 10
 
 
@@ -311,11 +320,15 @@ def _key(prefix: str, name: str, which: str) -> str:
 
 
 def lora_state_dict(model: nn.Module, prefix: str = "transformer") -> dict[str, torch.Tensor]:
-    """PEFT/diffusers key layout (`transformer.<module>.lora_A.weight`); tensors are detached, not copied."""
+    """What `save_lora` writes: PEFT/diffusers keys, with each layer's scaling folded into lora_B (fp32 copies).
+
+    PEFT at alpha = r (scale 1) then reproduces every layer, whatever its alpha, rsLoRA or rank.
+    """
     out: dict[str, torch.Tensor] = {}
     for name, layer in _require_lora_layers(model).items():
-        out[_key(prefix, name, "lora_A")] = layer.lora_A.weight.detach()
-        out[_key(prefix, name, "lora_B")] = layer.lora_B.weight.detach()
+        out[_key(prefix, name, "lora_A")] = layer.lora_A.weight.detach().float().clone()
+        # Scaled in float64 and rounded once, so dividing it back out on load is off by at most one fp32 ulp.
+        out[_key(prefix, name, "lora_B")] = (layer.lora_B.weight.detach().double() * layer.scaling).float()
     return out
 
 
@@ -350,15 +363,18 @@ def save_lora(model: nn.Module, config: LoRAConfig, path: str | os.PathLike) -> 
     _check_config_matches(layers, config)
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
     adapter_metadata = {
+        # alpha = r everywhere (scale 1): the scaling is in lora_B, see the module docstring.
         "transformer.r": config.rank,
-        "transformer.lora_alpha": config.alpha,
+        "transformer.lora_alpha": config.rank,
         # Full module names: PEFT matches a name equal to or ending in ".<entry>", so these select exactly the
         # wrapped layers even when `blocks` restricts them.
         "transformer.target_modules": sorted(layers),
         "transformer.rank_pattern": config.rank_pattern,
-        "transformer.use_rslora": config.use_rslora,
+        "transformer.alpha_pattern": dict(config.rank_pattern),
+        "transformer.use_rslora": False,
         "transformer.lora_dropout": config.dropout,
         _OUR_CONFIG_KEY: config.to_dict(),
+        _FORMAT_KEY: _FORMAT_SCALED_B,
     }
     # No sort_keys: rank_pattern is first-match-wins, so its order is part of its meaning.
     metadata = {"format": "pt", _METADATA_KEY: json.dumps(adapter_metadata)}
@@ -374,7 +390,11 @@ def save_lora(model: nn.Module, config: LoRAConfig, path: str | os.PathLike) -> 
 
 
 def read_lora_config(path: str | os.PathLike) -> LoRAConfig:
-    path = Path(path)
+    """The config the adapter was trained with (its true alpha, even where the file's PEFT entries say alpha = r)."""
+    return _read_header(Path(path))[0]
+
+
+def _read_header(path: Path) -> tuple[LoRAConfig, int]:
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     with safe_open(str(path), framework="pt") as f:
@@ -391,8 +411,14 @@ def read_lora_config(path: str | os.PathLike) -> LoRAConfig:
             f"{path}: '{_METADATA_KEY}' has no '{_OUR_CONFIG_KEY}' entry (keys: {sorted(data)}); "
             "it was not written by pixcell_ext.lora.save_lora"
         )
+    file_format = data.get(_FORMAT_KEY, _FORMAT_RAW_B)
+    if file_format not in (_FORMAT_RAW_B, _FORMAT_SCALED_B):
+        raise ValueError(
+            f"{path}: LoRA file format {file_format!r} is newer than this pixcell_ext reads "
+            f"({_FORMAT_RAW_B}-{_FORMAT_SCALED_B}); update pixcell_ext"
+        )
     try:
-        return LoRAConfig.from_dict(data[_OUR_CONFIG_KEY])
+        return LoRAConfig.from_dict(data[_OUR_CONFIG_KEY]), file_format
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: invalid LoRA config in metadata: {e}") from e
 
@@ -406,7 +432,7 @@ def _listing(items: Iterable[str]) -> str:
 def load_lora(model: nn.Module, path: str | os.PathLike, *, prefix: str = "transformer") -> LoRAConfig:
     """Load all-or-nothing: every key, shape and scaling must match, otherwise nothing is changed."""
     path = Path(path)
-    config = read_lora_config(path)
+    config, file_format = _read_header(path)
     layers = lora_layers(model)
     if any(layer.merged for layer in layers.values()):
         raise RuntimeError(f"cannot load {path} into a merged model: call unmerge_lora(model) first")
@@ -463,5 +489,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike, *, prefix: str = "trans
     with torch.no_grad():
         for name, layer in layers.items():
             layer.lora_A.weight.copy_(file_sd[_key(prefix, name, "lora_A")])
-            layer.lora_B.weight.copy_(file_sd[_key(prefix, name, "lora_B")])
+            b = file_sd[_key(prefix, name, "lora_B")]
+            if file_format == _FORMAT_SCALED_B:
+                b = b.double() / layer.scaling
+            layer.lora_B.weight.copy_(b)
     return config

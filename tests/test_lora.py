@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,13 +188,20 @@ def test_save_load_roundtrip(model, inputs, tmp_path):
     assert "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    assert meta["transformer.r"] == 4 and meta["transformer.lora_alpha"] == 8.0
+    # The file is portable at alpha = r: the scaling (8/4) is in lora_B, the trained alpha in our own entry.
+    assert meta["transformer.r"] == 4 and meta["transformer.lora_alpha"] == 4
+    assert meta["transformer.alpha_pattern"] == {r"transformer_blocks\.2\..*": 2}
+    assert meta["pixcell_ext.config"]["alpha"] == 8.0 and meta["pixcell_ext.lora_format"] == 2
     assert meta["transformer.target_modules"] == names
     assert read_lora_config(path) == config
+    layer = lora_layers(model)["transformer_blocks.0.attn1.to_q"]
+    stored_b = load_file(path)["transformer.transformer_blocks.0.attn1.to_q.lora_B.weight"]
+    assert torch.equal(stored_b, layer.lora_B.weight.detach() * 2)
 
     fresh = build_model()
     assert load_lora(fresh, path) == config
     assert sorted(lora_layers(fresh)) == names
+    assert torch.equal(lora_layers(fresh)["transformer_blocks.0.attn1.to_q"].lora_B.weight, layer.lora_B.weight)
     with torch.no_grad():
         assert torch.equal(run(fresh, inputs), run(model, inputs))
 
@@ -276,31 +284,111 @@ def test_read_config_without_metadata_names_the_file(tmp_path):
 # --- PEFT interop ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_rslora", [False, True])
-def test_peft_loads_our_file_identically(model, inputs, tmp_path, use_rslora):
+PORTABILITY_CASES = {
+    "alpha-ne-rank": LoRAConfig(rank=4, alpha=6.0),
+    "rslora": LoRAConfig(rank=4, alpha=6.0, use_rslora=True),
+    "per-block-ranks": LoRAConfig(
+        rank=4, alpha=6.0, blocks=(0, 2), rank_pattern={r"transformer_blocks\.2\.attn1\..*": 2}, use_rslora=True
+    ),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int = 3) -> None:
+    """Random A and B, so no layer's scaling could hide behind a zero or an initial value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            for w in (layer.lora_A.weight, layer.lora_B.weight):
+                w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+
+
+def peft_model_from(state: dict[str, torch.Tensor], peft_kwargs: dict):
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    config = LoRAConfig(
-        rank=4, alpha=6.0, blocks=(0, 2), rank_pattern={r"transformer_blocks\.2\.attn1\..*": 2}, use_rslora=use_rslora
-    )
-    inject_lora(model, config)
-    perturb(model)
-    path = save_lora(model, config, tmp_path / "adapter.safetensors")
-
-    # Build PEFT's config the way diffusers does: from the "transformer."-prefixed metadata entries.
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    peft_kwargs = {k.removeprefix("transformer."): v for k, v in meta.items() if k.startswith("transformer.")}
     peft_model = inject_adapter_in_model(LoraConfig(**peft_kwargs), build_model())
-    state = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
     result = set_peft_model_state_dict(peft_model, state)
     assert result.unexpected_keys == []
-    assert peft_model.transformer_blocks[2].attn1.to_q.lora_A["default"].weight.shape == (2, 16)
+    return peft_model
+
+
+@pytest.mark.parametrize("case", list(PORTABILITY_CASES))
+def test_peft_loads_our_file_identically(model, inputs, tmp_path, case):
+    """With or without our metadata: PEFT from the file's entries, and PEFT from tensor shapes alone (alpha = r)."""
+    config = PORTABILITY_CASES[case]
+    inject_lora(model, config)
+    randomize(model)
+    path = save_lora(model, config, tmp_path / "adapter.safetensors")
+    with torch.no_grad():
+        ours = run(model, inputs)
+        assert (ours - run(build_model(), inputs)).abs().max() > 1e-2
+    state = load_file(path)
+
+    # 1. The way diffusers does with metadata: from the "transformer."-prefixed entries.
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    from_metadata = peft_model_from(
+        state, {k.removeprefix("transformer."): v for k, v in meta.items() if k.startswith("transformer.")}
+    )
+
+    # 2. A loader that sees only tensors: ranks from the lora_A shapes, alpha = r for every module (scale 1).
+    ranks = {
+        k.removeprefix("transformer.").removesuffix(".lora_A.weight"): v.shape[0]
+        for k, v in state.items()
+        if k.endswith(".lora_A.weight")
+    }
+    default_rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    from_shapes = peft_model_from(
+        state,
+        {
+            "r": default_rank,
+            "lora_alpha": default_rank,
+            "target_modules": sorted(ranks),
+            "rank_pattern": {n: r for n, r in ranks.items() if r != default_rank},
+            "alpha_pattern": {n: r for n, r in ranks.items() if r != default_rank},
+        },
+    )
+    if case == "per-block-ranks":
+        assert from_shapes.transformer_blocks[2].attn1.to_q.lora_A["default"].weight.shape == (2, 16)
+        assert from_shapes.transformer_blocks[2].attn1.to_q.scaling["default"] == 1.0
 
     with torch.no_grad():
-        ours, theirs = run(model, inputs), run(peft_model, inputs)
-    assert (ours - run(build_model(), inputs).detach()).abs().max() > 1e-3
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+        torch.testing.assert_close(run(from_metadata, inputs), ours, atol=1e-5, rtol=0)
+        torch.testing.assert_close(run(from_shapes, inputs), ours, atol=1e-5, rtol=0)
+
+    # And back: our loader divides the scaling out again, to one fp32 rounding of the trained B.
+    fresh = build_model()
+    load_lora(fresh, path)
+    for name, layer in lora_layers(model).items():
+        torch.testing.assert_close(lora_layers(fresh)[name].lora_B.weight, layer.lora_B.weight, atol=0, rtol=2e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(run(fresh, inputs), ours, atol=1e-6, rtol=0)
+
+
+FORMAT1_FILE = Path(__file__).parent / "data" / "lora_format1_rank4_alpha6.safetensors"
+
+
+def test_format1_file_still_loads_with_its_scaling(inputs):
+    """Written by save_lora before B carried the scaling: raw B, alpha 6 at rank 4 (2 in block 2's attn1)."""
+    with safe_open(str(FORMAT1_FILE), framework="pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert "pixcell_ext.lora_format" not in meta and meta["transformer.lora_alpha"] == 6.0
+
+    loaded = build_model()
+    config = load_lora(loaded, FORMAT1_FILE)
+    assert config.alpha == 6.0 and lora_layers(loaded)["transformer_blocks.2.attn1.to_q"].scaling == 3.0
+
+    # Reference: the same layers with the file's raw tensors copied in, i.e. scaling applied at run time.
+    reference = build_model()
+    inject_lora(reference, config)
+    raw = load_file(FORMAT1_FILE)
+    with torch.no_grad():
+        for name, layer in lora_layers(reference).items():
+            layer.lora_A.weight.copy_(raw[f"transformer.{name}.lora_A.weight"])
+            layer.lora_B.weight.copy_(raw[f"transformer.{name}.lora_B.weight"])
+        expected = run(reference, inputs)
+        assert (expected - run(build_model(), inputs)).abs().max() > 1e-3
+        assert torch.equal(run(loaded, inputs), expected)
 
 
 # --- selection and config ----------------------------------------------------------------------------------------
