@@ -219,8 +219,14 @@ SAMPLERS = {"dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
 
 
 def sampling_scheduler(scheduler_config: dict, kind: str = "dpm"):
-    """A sampler on the checkpoint's betas. Learned variance is dropped before `step`, so `variance_type` is reset."""
+    """A sampler on the checkpoint's betas. Learned variance is dropped before `step`, so `variance_type` is reset.
+
+    DDPM's default `clip_sample=True` clamps the predicted x0 to [-1, 1], which suits pixel-space models; scaled
+    SD3.5 latents have unit std, so clipping would cut their tails at every step. It is switched off.
+    """
     config = {k: v for k, v in scheduler_config.items() if k != "variance_type"}
+    if kind == "ddpm":
+        config.update(clip_sample=False, thresholding=False)
     return SAMPLERS[kind].from_config(config)
 
 

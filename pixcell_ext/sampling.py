@@ -1,7 +1,8 @@
 """Classifier-free-guided sampling from adapted contexts, batched, with one noise generator per image.
 
-The initial noise of every image comes from its own CPU generator, so an image does not depend on which batch or
-process produced it. Conditional and unconditional branches go through the transformer in one batched forward.
+The initial noise of every image, and the step noise of stochastic samplers (DDPM), come from its own CPU
+generator, so an image does not depend on which batch or process produced it, nor on the global RNG. Conditional
+and unconditional branches go through the transformer in one batched forward.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def sample_latents_cfg(
         if guided:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
-        latents = scheduler.step(prediction, t, latents).prev_sample
+        latents = scheduler.step(prediction, t, latents, generator=generators).prev_sample
     return latents
 
 

@@ -129,6 +129,20 @@ def test_two_processes_write_the_bytes_of_one_process(tiny_stack, run_dir, refer
     assert (output_dir / "manifest.csv").read_bytes() == (reference / "manifest.csv").read_bytes()
 
 
+def test_ddpm_two_processes_write_the_bytes_of_one_process(tiny_stack, run_dir, reference, tmp_path):
+    # DDPM draws fresh noise at every step: it must come from each image's generator, not the global RNG.
+    argv = ("--scheduler", "ddpm", "--classes", "TUM", "LYM")
+    one, two = tmp_path / "one", tmp_path / "two"
+    generate(*cli(tiny_stack, run_dir, one, *argv))
+    command = launch_command(2, "generate_synthetic.py", *cli(tiny_stack, run_dir, two, *argv))
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "process 2/2 makes" in result.stderr
+    assert len(png_bytes(one)) == 2 * N and png_bytes(two) == png_bytes(one)
+    assert png_bytes(one)["TUM/gen_0000.png"] != png_bytes(reference)["TUM/gen_0000.png"]  # really another sampler
+    assert {r["scheduler"] for r in generation.read_manifest(two)} == {"ddpm"}
+
+
 def test_batch_size_one_matches_batch_size_four_to_one_grey_level(reference, batch_one):
     # Not byte-identical on CPU: batch 1 runs other (small-M) GEMM/conv kernels than batch 4, whose rounding flips a
     # few pixels by one grey level. Measured: max |difference| 1; 8 of 331,776 values differ (6 of 27 images).
