@@ -301,7 +301,9 @@ def main(args: argparse.Namespace) -> None:
     window_is_bad, bad_in_a_row, window_stats = False, 0, []
 
     for epoch in range(progress.epoch, num_epochs):
-        sampler.set_epoch(epoch)
+        # Through the prepared loader: it calls set_epoch with its own counter at every pass (0 in a resumed process),
+        # and `skip_first_batches` copies that counter, so setting the sampler directly would be overridden.
+        train_dataloader.set_epoch(epoch)
         model.train()
         skip = progress.batches_in_epoch if epoch == progress.epoch else 0
         batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader

@@ -128,6 +128,45 @@ def test_resume_mid_epoch_gives_the_straight_run(tiny_stack, tmp_path, reference
     assert logged_losses(output_dir)[-4:] == pytest.approx(logged_losses(reference_run)[-4:], abs=1e-6)
 
 
+@pytest.fixture(scope="module")
+def two_epoch_run(tiny_stack, tmp_path_factory):
+    """12 updates of 4 tiles over epochs of 9 batches; checkpoint-10 lies in the second epoch (its batch 1)."""
+    output_dir = tmp_path_factory.mktemp("two-epochs")
+    run_training(tiny_stack, output_dir, "--max_train_steps", "12", "--checkpointing_steps", "10")
+    return output_dir
+
+
+def resume_from_copy(stack, finished: Path, step: int, output_dir: Path, *flags: str, num_processes: int = 1):
+    """Resume in a new folder from a copy of `finished`'s checkpoint-`step`, as a run stopped there would."""
+    output_dir.mkdir()
+    shutil.copytree(finished / f"checkpoint-{step}", output_dir / f"checkpoint-{step}")
+    return run_training(stack, output_dir, *flags, "--resume_from_checkpoint", "latest", num_processes=num_processes)
+
+
+def test_resume_in_a_later_epoch_gives_the_straight_run(tiny_stack, tmp_path, two_epoch_run):
+    output_dir = tmp_path / "resumed"
+    result = resume_from_copy(
+        tiny_stack, two_epoch_run, 10, output_dir, "--max_train_steps", "12", "--checkpointing_steps", "10"
+    )
+    assert "step 10, epoch 1" in result.stderr
+    assert_same_weights(output_dir, two_epoch_run, atol=1e-6)
+    assert logged_losses(output_dir) == pytest.approx(logged_losses(two_epoch_run)[-2:], abs=1e-6)
+
+
+def test_resume_across_an_epoch_boundary_with_accumulation_on_two_processes(tiny_stack, tmp_path):
+    """2 processes x 2 tiles x 2 micro-batches: 9 micro-batches per process and epoch, so 5 updates per epoch (the
+    last one of a single micro-batch); stopped at update 4, the resumed run finishes epoch 0 and goes into epoch 1."""
+    flags = ("--max_train_steps", "7", "--checkpointing_steps", "4", "--train_batch_size", "2",
+             "--gradient_accumulation_steps", "2")  # fmt: skip
+    straight = tmp_path / "straight"
+    run_training(tiny_stack, straight, *flags, num_processes=2)
+    resumed = tmp_path / "resumed"
+    result = resume_from_copy(tiny_stack, straight, 4, resumed, *flags, num_processes=2)
+    assert "step 4, epoch 0" in result.stderr
+    assert_same_weights(resumed, straight, atol=1e-6)
+    assert logged_losses(resumed) == pytest.approx(logged_losses(straight)[-3:], abs=1e-6)
+
+
 def test_gradient_accumulation_matches_the_bigger_batch(tiny_stack, tmp_path, reference_run):
     output_dir = tmp_path / "accumulated"
     run_training(
