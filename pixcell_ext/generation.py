@@ -22,7 +22,6 @@ process counts there needs the same OMP_NUM_THREADS per process (`accelerate lau
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import logging
@@ -42,6 +41,7 @@ from pixcell_ext.data import DataError, center_square, file_digest, read_rgb, re
 from pixcell_ext.features import model_identity
 from pixcell_ext.files import write_json_atomically, write_png_atomically
 from pixcell_ext.lora import LoRAMismatchError, merge_lora
+from pixcell_ext.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, manifest_rows, read_manifest, write_manifest  # noqa: F401, E501
 from pixcell_ext.models import UNI_IMAGE_SIZE, AutoencoderKL, PixCellTransformer2DModel, UNIEncoder, decode_latents
 from pixcell_ext.presets import tiny_models
 from pixcell_ext.sampling import sample_latents_cfg, to_uint8_images
@@ -52,21 +52,6 @@ from pixcell_ext.validation import contact_sheet
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "generation_config.json"
-MANIFEST_FILE = "manifest.csv"
-MANIFEST_COLUMNS = (
-    "file",
-    "class",
-    "index",
-    "conditioning",
-    "reference",
-    "seed",
-    "guidance_scale",
-    "num_inference_steps",
-    "scheduler",
-    "model",
-    "lora_dir",
-    "lora_sha256",
-)
 PIXEL_KEYS = (
     "model",
     "revision",
@@ -402,58 +387,12 @@ def write_generation_config(output_dir: Path, config: dict) -> None:
 # ---------------------------------------------------------------------------------------------- manifest, sheets
 
 
-def conditioning_label(item: WorkItem, class_conditioning: bool) -> str:
-    if class_conditioning:
-        return "reference+class" if item.reference else "class-only"
-    return "reference" if item.reference else "unconditional"
-
-
 def trained_class_names(lora_dir: str | None) -> tuple[str, ...] | None:
     """The classes a run's adapter was class-conditioned on, or None (no run, or no class conditioning)."""
     if lora_dir is None or not (Path(lora_dir) / ADAPTER_FILE).exists():
         return None
     config = read_adapter_config(Path(lora_dir) / ADAPTER_FILE)
     return config.class_names if config.class_conditioning else None
-
-
-def manifest_rows(output_dir: Path, items: list[WorkItem], config: dict) -> list[dict]:
-    """One row per item whose PNG exists, in (class, index) order; rebuilt from the configuration on every run."""
-    sources, reference_root = config["sources"], Path(config["sources"]["reference_data_dir"])
-    rows = []
-    for item in sorted(items, key=lambda i: (i.class_name, i.index)):
-        if not (output_dir / item.file).exists():
-            continue
-        rows.append(
-            {
-                "file": item.file,
-                "class": item.class_name,
-                "index": item.index,
-                "conditioning": conditioning_label(item, config.get("class_conditioning", False)),
-                "reference": item.reference.relative_to(reference_root).as_posix() if item.reference else "none",
-                "seed": item.seed,
-                "guidance_scale": config["guidance_scale"],
-                "num_inference_steps": config["num_inference_steps"],
-                "scheduler": config["scheduler"],
-                "model": sources["pretrained_model_name_or_path"],
-                "lora_dir": sources["lora_dir"] or "none",
-                "lora_sha256": config["lora_sha256"] or "none",
-            }
-        )
-    return rows
-
-
-def write_manifest(output_dir: Path, rows: list[dict]) -> None:
-    tmp = output_dir / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, output_dir / MANIFEST_FILE)
-
-
-def read_manifest(output_dir: Path) -> list[dict]:
-    with open(output_dir / MANIFEST_FILE, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def write_contact_sheet(output_dir: Path, class_name: str, items: list[WorkItem], resolution: int) -> None:
