@@ -16,12 +16,14 @@ import torch
 from torch import nn
 
 from pixcell_ext.adapter import UNIAdapter
+from pixcell_ext.attention import install_single_token_attention
 from pixcell_ext.models import PixCellTransformer2DModel
 
 
 class AdaptedPixCell(nn.Module):
     def __init__(self, transformer: PixCellTransformer2DModel, adapter: UNIAdapter):
         super().__init__()
+        install_single_token_attention(transformer, adapter.config.num_tokens)
         self.transformer = transformer
         self.adapter = adapter
 
