@@ -1,6 +1,7 @@
 """Cost of our LoRALinear against a plain frozen nn.Linear and PEFT's lora.Linear, at PixCell-256's widths.
 
     python benchmarks/bench_lora.py [--device cpu|cuda] [--dtype float32|bfloat16] [--batch_tokens N] [--repeats N]
+    python benchmarks/bench_lora.py --merge_precision   # how much of a LoRA update a merge into bf16 weights keeps
 
 Each round times every width and variant once, in a rotating order, so that changes in machine load hit all
 variants alike. Times are medians over rounds; ratios are medians of the per-round ratios (paired, which cancels
@@ -46,7 +47,25 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 15 on cpu, 100 on cuda)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--merge_precision", action="store_true", help="measure merge rounding in bf16 instead of speed")
     return p.parse_args()
+
+
+def merge_precision() -> None:
+    """What `W + ΔW` rounded to bf16 keeps of ΔW, at PixCell's attention width, for a range of update sizes."""
+    n = WIDTHS[0][0]
+    g = torch.Generator().manual_seed(0)
+    print(f"merge into bf16 weights: {n}x{n}, rank {RANK}, normal weights and a random rank-{RANK} update")
+    print(f"  {'weight std':>10} {'RMS dW':>8} {'weights unchanged':>18} {'|merged dW - dW| / |dW|':>24}")
+    for weight_std in (0.02, 0.05):
+        weight = (torch.randn(n, n, generator=g) * weight_std).bfloat16()
+        for rms in (1e-5, 7e-5, 3e-4, 1e-3):
+            delta = torch.randn(n, RANK, generator=g) @ torch.randn(RANK, n, generator=g)
+            delta *= rms / delta.square().mean().sqrt()
+            merged = (weight.float() + delta).bfloat16()
+            unchanged = (merged == weight).float().mean().item()
+            error = ((merged.float() - weight.float() - delta).norm() / delta.norm()).item()
+            print(f"  {weight_std:>10g} {rms:>8g} {unchanged:>17.1%} {error:>24.3f}")
 
 
 def build(n_in: int, n_out: int, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
@@ -157,4 +176,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    arguments = parse_args()
+    if arguments.merge_precision:
+        merge_precision()
+    else:
+        main(arguments)

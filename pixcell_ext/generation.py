@@ -185,9 +185,12 @@ def class_batches(items: list[WorkItem], batch_size: int) -> Iterator[tuple[str,
 def load_generation_model(
     transformer: PixCellTransformer2DModel, lora_dir: str | None, model_name: str
 ) -> AdaptedPixCell:
-    """The adapted model with its LoRA merged into the weights, so inference costs exactly the base model.
+    """The adapted model, its LoRA merged into fp32 weights (inference then costs exactly the base model).
 
-    Without `lora_dir` the adapter is `UNIAdapter` at init, which is the identity: the released PixCell.
+    In bf16/fp16 the LoRA stays unmerged and runs in fp32 beside the half-precision base: rounding W + ΔW to bf16
+    would erase most of a small update (see `LoRALinear.merge`), and generated sets would then show less of the
+    fine-tuning than the (unmerged) validation panels did. Without `lora_dir` the adapter is `UNIAdapter` at init,
+    which is the identity: the released PixCell.
     """
     if lora_dir is None:
         adapter = UNIAdapter(AdapterConfig(embed_dim=transformer.config.caption_channels))
@@ -207,7 +210,10 @@ def load_generation_model(
             f"--lora_dir '{lora_dir}' does not fit the model '{model_name}': {error}\n"
             "Pass the --pretrained_model_name_or_path the run was trained on."
         ) from error
-    merge_lora(transformer)
+    if transformer.dtype == torch.float32:
+        merge_lora(transformer)
+    else:
+        logger.info("LoRA kept unmerged: merging into %s weights would round the update away.", transformer.dtype)
     return model.eval()
 
 

@@ -28,7 +28,7 @@ from pixcell_ext import NCT_CLASSES, artifacts, generation, models
 from pixcell_ext.adapter import AdapterConfig, UNIAdapter, save_adapter
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.data import DataError
-from pixcell_ext.lora import LoRAConfig, LoRAMismatchError, inject_lora, merge_lora
+from pixcell_ext.lora import LoRAConfig, LoRAMismatchError, inject_lora, lora_layers, merge_lora
 
 sys.path.insert(0, str(REPO))
 import generate_synthetic  # noqa: E402
@@ -213,6 +213,38 @@ def test_merged_lora_generates_what_the_unmerged_lora_generates(tiny_stack, run_
     plain = generation.load_generation_model(base.transformer, None, "base")
     without = generation.generate_batch(plain, base.uni, base.vae, base.scheduler_config, items, settings)
     assert np.abs(without.astype(int) - merged.astype(int)).mean() > 1, "the LoRA/adapter must matter for this test"
+
+
+def test_bf16_generation_keeps_a_small_lora_update_and_fp32_merges_it(tiny_stack, tmp_path):
+    # PixCell-like magnitudes: a LoRA update of 0.35 % of the weights' RMS, mostly below one bf16 ulp of them.
+    transformer = models.load_transformer(str(tiny_stack.pixcell))
+    model = AdaptedPixCell(transformer, UNIAdapter(AdapterConfig(embed_dim=transformer.config.caption_channels)))
+    inject_lora(transformer, LoRAConfig(rank=4))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(transformer).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator))
+            rms = layer.base_layer.weight.square().mean().sqrt()
+            layer.lora_B.weight.mul_(0.0035 * rms / layer.delta_weight().square().mean().sqrt())
+    run = tmp_path / "run"
+    artifacts.save_trained(run, model, LoRAConfig(rank=4))
+    name = "transformer_blocks.1.attn1.to_v"
+    delta = lora_layers(transformer)[name].delta_weight()
+
+    half = models.load_transformer(str(tiny_stack.pixcell), dtype=torch.bfloat16)
+    generation.load_generation_model(half, str(run), "tiny")
+    layer = lora_layers(half)[name]
+    assert not any(layer.merged for layer in lora_layers(half).values())
+    x = torch.randn(4096, layer.base_layer.in_features, generator=generator).bfloat16()
+    with torch.no_grad():  # the weight change the bf16 layer applies, fitted over many tokens
+        applied = torch.linalg.lstsq(x.float(), (layer(x) - layer.base_layer(x)).float()).solution.T
+    assert (applied - delta).norm() / delta.norm() < 0.2
+
+    full = models.load_transformer(str(tiny_stack.pixcell))
+    base_weight = full.get_submodule(name).weight.clone()
+    generation.load_generation_model(full, str(run), "tiny")
+    assert all(layer.merged for layer in lora_layers(full).values())
+    torch.testing.assert_close(lora_layers(full)[name].base_layer.weight, base_weight + delta, atol=1e-7, rtol=0)
 
 
 def test_rerun_skips_and_keeps_the_manifest_and_more_images_extend_it(tiny_stack, run_dir, reference, tmp_path):

@@ -164,6 +164,50 @@ def test_lora_stays_fp32_in_bf16_model(model, inputs, cast_first):
     assert layer.lora_B.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_into_half_precision_weights_is_refused(dtype):
+    layer = LoRALinear(torch.nn.Linear(8, 8), rank=2, alpha=2.0).to(dtype)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    before = layer.base_layer.weight.clone()
+    with pytest.raises(ValueError, match=rf"{dtype}.*unmerged"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.base_layer.weight, before)
+
+
+def small_update_layer(width: int = 256, rank: int = 8, weight_std: float = 0.02) -> LoRALinear:
+    """PixCell-like magnitudes: weights of std 0.02 and a LoRA update of RMS 7e-5 (0.35 % of the weights)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(width, width)
+    layer = LoRALinear(base, rank, float(rank))
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(base.weight.shape, generator=g) * weight_std)
+        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g))
+        layer.lora_B.weight.mul_(weight_std * 0.0035 / layer.delta_weight().square().mean().sqrt())
+    return layer
+
+
+def effective_update(outputs: torch.Tensor, base_outputs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The weight change a layer applies, fitted by least squares over many tokens (averages output rounding out)."""
+    return torch.linalg.lstsq(x.float(), (outputs - base_outputs).float()).solution.T
+
+
+@torch.no_grad()
+def test_small_lora_update_survives_in_bf16_unmerged_where_a_bf16_merge_erases_it():
+    layer = small_update_layer().to(torch.bfloat16)
+    delta = layer.delta_weight()
+    x = torch.randn(8192, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    base = layer.base_layer(x)
+
+    kept = effective_update(layer(x), base, x)
+    assert (kept - delta).norm() / delta.norm() < 0.2
+
+    # What merging did before it was refused: W + ΔW rounded to bf16. Most weights do not move at all.
+    merged_weight = (layer.base_layer.weight.float() + delta).bfloat16()
+    assert (merged_weight == layer.base_layer.weight).float().mean() > 0.3
+    rounded = effective_update(torch.nn.functional.linear(x, merged_weight, layer.base_layer.bias), base, x)
+    assert (rounded - delta).norm() / delta.norm() > 0.3
+
+
 def test_diffusers_qkv_fusion_fails_loudly_instead_of_dropping_lora(model):
     # fuse_qkv_projections concatenates `to_q.weight` etc.; the wrapper exposes no `weight`, so LoRA cannot be
     # silently fused away.
