@@ -99,7 +99,7 @@ def main(args: argparse.Namespace) -> None:
     tiles, rows = evaluation.arrange_tiles(
         real, synthetic, real_test, test_fraction=args.real_test_fraction, seed=args.seed
     )
-    manifest = evaluation.read_manifest(args.synthetic_dir, args.real_dir)
+    manifest = evaluation.read_references(args.synthetic_dir, args.real_dir)
     logger.info(f"{len(real.paths)} real, {len(synthetic.paths)} synthetic tiles in {classes}")
     extractors, notes = evaluation.select_extractors(
         args.extractors,

@@ -22,14 +22,16 @@ from torch import nn
 from conftest import REPO
 from pixcell_ext import evaluation, features
 from pixcell_ext.data import DataError, scan_image_folder
+from pixcell_ext.manifest import GENERATION_CONFIG_FILE, References, read_references, write_manifest
 from pixcell_ext.metrics import frechet_distance
+from pixcell_ext.testing_assets import TINY_TIMM_ENCODER, write_random_timm_encoder
 from pixcell_ext.tiny import write_tiny_dataset
 
 sys.path.insert(0, str(REPO))
 import evaluate_synthetic  # noqa: E402
 
 SIZE = 64
-TIMM = evaluation.TINY_TIMM_ENCODER
+TIMM = TINY_TIMM_ENCODER
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def timm_weights(tmp_path_factory) -> Path:
-    return evaluation.write_random_timm_encoder(TIMM, tmp_path_factory.mktemp("timm") / "encoder")
+    return write_random_timm_encoder(TIMM, tmp_path_factory.mktemp("timm") / "encoder")
 
 
 @pytest.fixture(scope="module")
@@ -176,14 +178,14 @@ def test_tstr_equals_trtr_when_synthetic_copies_real_train_split(real_dir, timm_
     train_rows, test_rows = evaluation.split_per_class(real, 0.5, seed=0)
     assert sorted(train_rows + test_rows) == list(range(54)) and not set(train_rows) & set(test_rows)
     synthetic = tmp_path / "synthetic"
-    manifest = ["file,class,reference,seed,guidance,steps"]
+    manifest = []
     for i, row in enumerate(train_rows):
         path, label = real.paths[row], real.labels[row]
         (synthetic / label).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, synthetic / label / f"gen_{i:04d}{path.suffix}")
         reference = path.relative_to(real_dir).as_posix()  # as generate_synthetic.py writes it
-        manifest.append(f"{label}/gen_{i:04d}{path.suffix},{label},{reference},0,2.0,20")
-    (synthetic / "manifest.csv").write_text("\n".join(manifest) + "\n")
+        manifest.append({"file": f"{label}/gen_{i:04d}{path.suffix}", "class": label, "reference": reference})
+    write_manifest(synthetic, manifest)
 
     out = tmp_path / "eval"
     report = _run(
@@ -279,7 +281,7 @@ def test_clear_errors_for_bad_folders(real_dir, timm_weights, tmp_path):
 def test_timm_encoder_refuses_missing_or_mismatched_weights_and_keys_its_preprocessing(timm_weights, tmp_path):
     with pytest.raises(ValueError, match="needs --timm_encoder_weights"):
         evaluation.timm_extractor(TIMM, None)
-    other = evaluation.write_random_timm_encoder("test_vit", tmp_path / "vit")
+    other = write_random_timm_encoder("test_vit", tmp_path / "vit")
     with pytest.raises(ValueError, match="does not fit timm model"):
         evaluation.timm_extractor(TIMM, str(other)).load()
     with pytest.raises(ValueError, match="does not fit timm model"):
@@ -337,18 +339,18 @@ def test_lpips_diversity_and_fidelity_follow_the_manifest(real_dir, tmp_path):
     # Synthetic tiles are exact copies of real tiles; the manifest points each at its original, except one
     # unconditional row. Random-backbone LPIPS means nothing, but LPIPS(x, x) is exactly 0 for any backbone.
     synthetic_dir = tmp_path / "synthetic"
-    rows = ["file,class,reference,seed,guidance,steps"]
+    rows = []
     for cls in ("ADI", "TUM"):
         (synthetic_dir / cls).mkdir(parents=True)
         for i, path in enumerate(sorted((real_dir / cls).iterdir())):
             shutil.copy(path, synthetic_dir / cls / f"gen_{i:04d}{path.suffix}")
             reference = "none" if (cls, i) == ("TUM", 0) else path.relative_to(real_dir).as_posix()
-            rows.append(f"{cls}/gen_{i:04d}{path.suffix},{cls},{reference},{i},2.0,20")
-    (synthetic_dir / "manifest.csv").write_text("\n".join(rows) + "\n")
+            rows.append({"file": f"{cls}/gen_{i:04d}{path.suffix}", "class": cls, "reference": reference})
+    write_manifest(synthetic_dir, rows)
     config = {"sources": {"reference_data_dir": str(real_dir)}}  # what generate_synthetic.py records
-    (synthetic_dir / evaluation.GENERATION_CONFIG).write_text(json.dumps(config))
+    (synthetic_dir / GENERATION_CONFIG_FILE).write_text(json.dumps(config))
     synthetic = evaluation.TileSet.from_index(scan_image_folder(synthetic_dir))
-    manifest = evaluation.read_manifest(synthetic_dir, tmp_path / "another-real-dir")
+    manifest = read_references(synthetic_dir, tmp_path / "another-real-dir")
     assert manifest.unresolved == [] and sum(r is None for r in manifest.references.values()) == 1
 
     scorer = evaluation.LPIPSScorer(backbone, "alex", size=SIZE)
@@ -364,6 +366,6 @@ def test_lpips_diversity_and_fidelity_follow_the_manifest(real_dir, tmp_path):
         keys = [p for p in manifest.references if p.parent.name == cls]
         values = [manifest.references[p] for p in keys]
         shifted.update(zip(keys, values[1:] + values[:1], strict=True))
-    rotated = evaluation.lpips_metrics(scorer, synthetic, ["ADI"], evaluation.Manifest(shifted, []), **kwargs)
+    rotated = evaluation.lpips_metrics(scorer, synthetic, ["ADI"], References(shifted, []), **kwargs)
     assert rotated["ADI"]["fidelity_mean"] > 0.0
     assert rotated["ADI"]["diversity_mean"] == result["ADI"]["diversity_mean"]
