@@ -145,6 +145,8 @@ def main(args: argparse.Namespace) -> None:
     if probe_rows is None:
         notes.append("Probes skipped: the real train, real test and synthetic sets each need at least two classes.")
     warnings = evaluation.dependence_warnings(tiles, digests, rows, manifest)
+    if manifest is None:
+        logger.warning(evaluation.NO_MANIFEST_WARNING)
     extractor_results, found = evaluation.evaluate_feature_spaces(
         extractors,
         features,
@@ -170,11 +172,12 @@ def main(args: argparse.Namespace) -> None:
         device=accelerator.device,
     )
     notes += evaluation.GENERAL_NOTES + lpips_notes
-    if args.preset == "tiny":
-        notes.append(evaluation.TINY_PRESET_NOTE)
+    provenance = evaluation.synthetic_provenance(args.synthetic_dir)
+    notes += evaluation.provenance_notes(provenance, random_encoders=args.preset == "tiny")
     report = {
         "classes": classes,
         "counts": {role: tiles.subset(role_rows).counts(classes) for role, role_rows in rows.items()},
+        "synthetic_is_standin": evaluation.is_standin(provenance),
         "probe_split": "--real_test_dir" if real_test else f"--real_dir split per class ({args.real_test_fraction})",
         "extractors": extractor_results,
         "skipped_extractors": skipped,

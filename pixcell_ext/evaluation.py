@@ -12,7 +12,10 @@ for `evaluate_synthetic.py`:
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +33,7 @@ from pixcell_ext.extractors import (
 )
 from pixcell_ext.feature_store import TileSet, compute_features, load_tile
 from pixcell_ext.lpips_scores import LPIPSScorer, lpips_metrics, lpips_report
-from pixcell_ext.manifest import References, read_references
+from pixcell_ext.manifest import GENERATION_CONFIG_FILE, References, read_references
 from pixcell_ext.metrics import fd_sample_warning, frechet_distance, kernel_inception_distance, precision_recall
 from pixcell_ext.plots import write_plots
 from pixcell_ext.probe import tstr_trtr
@@ -51,16 +54,19 @@ __all__ = [
     "distribution_metrics",
     "evaluate_feature_spaces",
     "inception_extractor",
+    "is_standin",
     "load_tile",
     "lpips_metrics",
     "lpips_report",
     "per_class_distribution_metrics",
     "probe_metrics",
+    "provenance_notes",
     "read_references",
     "select_extractors",
     "select_probe_rows",
     "split_per_class",
     "subsample_per_class",
+    "synthetic_provenance",
     "timm_extractor",
     "tiny_evaluation",
     "uni_extractor",
@@ -75,9 +81,15 @@ GENERAL_NOTES = [
     "NCT-CRC-HE is separable by colour alone: a TSTR score means something only where it beats the colour_histogram "
     "probe.",
 ]
-TINY_PRESET_NOTE = (
-    "Tiny preset: random tiny encoders and a stand-in synthetic set (noisy copies of the real tiles, not generated "
-    "images): a smoke test of the pipeline, the numbers mean nothing."
+RANDOM_ENCODERS_NOTE = "Tiny preset: random tiny encoders, a smoke test of the pipeline: the numbers mean nothing."
+STANDIN_NOTE = (
+    "The synthetic set is a stand-in ({generator}), not generated images: its numbers say nothing about a model."
+)
+NO_MANIFEST_WARNING = (
+    "No manifest.csv in --synthetic_dir, so it is unknown which real tiles the synthetic ones were generated from: "
+    "the reference-overlap checks (references inside --real_dir bias FD/KID/precision/recall; references inside the "
+    "probe test set make TSTR optimistic) and LPIPS against the reference are off. Evaluate the folder "
+    "generate_synthetic.py wrote, with its manifest.csv and generation_config.json."
 )
 
 
@@ -180,7 +192,7 @@ def dependence_warnings(
     """
     references = manifest.references if manifest else {}
     refs = [references.get(tiles.paths[i].resolve()) for i in rows["synthetic"]]
-    found = []
+    found = [NO_MANIFEST_WARNING] if manifest is None else []
     real_paths = {tiles.paths[i].resolve() for i in rows["real"]}
     from_real = sum(r in real_paths for r in refs if r is not None)
     if from_real:
@@ -250,6 +262,25 @@ def evaluate_feature_spaces(
         entry["probe"] = probe_metrics(matrix, tiles.labels, probe_rows, seed=seed) if probe_rows else None
         results[extractor.name] = entry
     return results, warnings_out
+
+
+def synthetic_provenance(synthetic_dir: str | os.PathLike) -> dict[str, Any]:
+    """What made the synthetic set, from its ``generation_config.json`` (``{}`` when there is none)."""
+    path = Path(synthetic_dir) / GENERATION_CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def is_standin(provenance: dict[str, Any]) -> bool:
+    """True only when the synthetic set's own config says it is a stand-in, whichever preset evaluates it."""
+    return str(provenance.get("generator", "")).startswith("stand-in")
+
+
+def provenance_notes(provenance: dict[str, Any], random_encoders: bool) -> list[str]:
+    """Notes on a stand-in synthetic set and on random encoders."""
+    notes = [RANDOM_ENCODERS_NOTE] if random_encoders else []
+    if is_standin(provenance):
+        notes.append(STANDIN_NOTE.format(generator=provenance["generator"]))
+    return notes
 
 
 def tiny_evaluation(stack: TinyStack) -> dict[str, Any]:

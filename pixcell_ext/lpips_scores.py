@@ -128,9 +128,7 @@ def lpips_report(
         note = "LPIPS skipped: pass --lpips_backbone (a torchvision alexnet/vgg16 state dict) to compute it."
         return {"skipped": note}, [note]
     notes = []
-    if manifest is None:
-        notes.append("No manifest.csv in the synthetic folder: LPIPS fidelity (generated vs reference) skipped.")
-    elif manifest.unresolved:
+    if manifest is not None and manifest.unresolved:
         notes.append(f"{len(manifest.unresolved)} manifest references were not found, e.g. '{manifest.unresolved[0]}'.")
     scorer = LPIPSScorer(backbone, net, size=resolution, device=device)
     per_class = lpips_metrics(

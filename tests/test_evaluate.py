@@ -235,6 +235,7 @@ def test_tiny_preset_writes_json_csv_and_plots(tiny_stack, tmp_path, monkeypatch
     assert sum("Fréchet distance computed on 4 samples" in w for w in report["warnings"]) == 18
     notes = " ".join(report["notes"])
     assert "flatter" in notes and "RANDOM weights" in notes and "smoke test" in notes and "LPIPS skipped" in notes
+    assert report["synthetic_is_standin"] is True and "stand-in" in notes
     assert report["lpips"] == {"skipped": report["lpips"]["skipped"]}
 
     with open(out / "per_class_metrics.csv", newline="") as handle:
@@ -248,6 +249,26 @@ def test_tiny_preset_writes_json_csv_and_plots(tiny_stack, tmp_path, monkeypatch
             image.verify()
 
     assert len(list(out.glob("feature_cache/*/shard-*.safetensors"))) == 3  # uni, timm, colour histogram
+
+
+def test_tiny_preset_on_another_synthetic_set_does_not_call_it_a_standin_and_warns_once_without_manifest(
+    tiny_stack, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    synthetic = _noisy_copy(tiny_stack.data, tmp_path / "generated", sigma=8, seed=0)  # no manifest.csv
+    base = ["--preset", "tiny", "--tiny_dir", str(tiny_stack.data.parent), "--extractors", "timm"]
+    with caplog.at_level("WARNING"):
+        report = _run([*base, "--synthetic_dir", str(synthetic), "--output_dir", str(tmp_path / "out")])
+    assert report["synthetic_is_standin"] is False
+    assert not any("stand-in" in note for note in report["notes"])
+    assert any("random tiny encoders" in note for note in report["notes"])
+    assert report["warnings"].count(evaluation.NO_MANIFEST_WARNING) == 1
+    assert sum(evaluation.NO_MANIFEST_WARNING in r.getMessage() for r in caplog.records) == 1
+
+    default = _run([*base, "--output_dir", str(tmp_path / "standin")])
+    assert default["synthetic_is_standin"] is True
+    assert any("stand-in" in note for note in default["notes"])
+    assert evaluation.NO_MANIFEST_WARNING not in default["warnings"]
 
 
 def test_clear_errors_for_bad_folders(real_dir, timm_weights, tmp_path):
