@@ -65,6 +65,7 @@ def main(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
 
     # Everything that can refuse the run is checked before the models load.
+    generation.check_lora_dir(args.lora_dir)
     classes = list(dict.fromkeys(args.classes or generation.default_classes(args.reference_data_dir)))
     wanted = dict.fromkeys(classes, args.num_images_per_class)
     existing = None if args.overwrite else generation.existing_config(output_dir)

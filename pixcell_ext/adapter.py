@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pixcell_ext.lora import reporting_damage
+
 ADAPTER_FILE = "adapter.safetensors"
 
 
@@ -111,7 +113,7 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     """The config stored in an adapter file, without loading its weights."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
+    with reporting_damage(path), safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if "adapter_config" not in metadata:
         raise ValueError(f"'{path}' has no adapter_config metadata: it was not written by save_adapter.")
@@ -120,5 +122,7 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
 
 def load_adapter(path: str | os.PathLike) -> UNIAdapter:
     adapter = UNIAdapter(read_adapter_config(path))
-    adapter.load_state_dict(load_file(str(path)), strict=True)
+    with reporting_damage(path):
+        state = load_file(str(path))
+    adapter.load_state_dict(state, strict=True)
     return adapter

@@ -40,7 +40,7 @@ from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.data import DataError, center_square, file_digest, read_rgb, resized_uint8, scan_image_folder
 from pixcell_ext.features import model_identity
 from pixcell_ext.files import write_json_atomically, write_png_atomically
-from pixcell_ext.lora import LoRAMismatchError, merge_lora
+from pixcell_ext.lora import DamagedFileError, LoRAMismatchError, merge_lora, read_lora_config
 from pixcell_ext.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, manifest_rows, read_manifest, write_manifest  # noqa: F401, E501
 from pixcell_ext.models import UNI_IMAGE_SIZE, AutoencoderKL, PixCellTransformer2DModel, UNIEncoder, decode_latents
 from pixcell_ext.presets import tiny_models
@@ -182,6 +182,21 @@ def class_batches(items: list[WorkItem], batch_size: int) -> Iterator[tuple[str,
 # ---------------------------------------------------------------------------------------------- models
 
 
+def check_lora_dir(lora_dir: str | None) -> None:
+    """Refuse a missing, incomplete or damaged --lora_dir in a second, before any model loads (reads headers only)."""
+    if lora_dir is None:
+        return
+    directory = Path(lora_dir)
+    fix = "Pass the --output_dir of a train_adapter_lora.py run (or a checkpoint-N folder inside it)."
+    if not directory.is_dir():
+        raise DataError(f"--lora_dir '{lora_dir}' does not exist. {fix}")
+    missing = [name for name in (ADAPTER_FILE, LORA_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise DataError(f"--lora_dir '{lora_dir}' is not a training output: {', '.join(missing)} missing. {fix}")
+    read_adapter_config(directory / ADAPTER_FILE)
+    read_lora_config(directory / LORA_FILE)
+
+
 def load_generation_model(
     transformer: PixCellTransformer2DModel, lora_dir: str | None, model_name: str
 ) -> AdaptedPixCell:
@@ -205,6 +220,8 @@ def load_generation_model(
         )
     try:
         model = load_trained(lora_dir, transformer)
+    except DamagedFileError:
+        raise  # the file is at fault, not the choice of model: its message says so
     except (LoRAMismatchError, ValueError) as error:
         raise LoRAMismatchError(
             f"--lora_dir '{lora_dir}' does not fit the model '{model_name}': {error}\n"

@@ -23,13 +23,14 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -56,6 +57,27 @@ _MAX_LISTED = 10
 
 class LoRAMismatchError(ValueError):
     """Raised instead of loading a LoRA file partially: a half-loaded adapter produces plausible but wrong images."""
+
+
+class DamagedFileError(LoRAMismatchError):
+    """A weights file that ends early or has a broken header (an interrupted copy or save): nothing is loaded.
+
+    A LoRAMismatchError, so every caller that reports an unusable LoRA file reports this too; but the file, not the
+    model, is at fault, so its message says to copy the file again rather than to change the model.
+    """
+
+
+@contextmanager
+def reporting_damage(path: str | os.PathLike) -> Iterator[None]:
+    """safetensors header errors ("incomplete metadata, file not fully covered") as a sentence naming the file."""
+    try:
+        yield
+    except SafetensorError as error:
+        raise DamagedFileError(
+            f"'{path}' is damaged or incomplete ({error}), so nothing was loaded from it. It was probably cut short "
+            "while being copied or written: copy it again from the run's output folder (or use another checkpoint), "
+            "or retrain."
+        ) from error
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -408,7 +430,7 @@ def read_lora_config(path: str | os.PathLike) -> LoRAConfig:
 def _read_header(path: Path) -> tuple[LoRAConfig, int]:
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
+    with reporting_damage(path), safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     raw = metadata.get(_METADATA_KEY)
     if raw is None:
@@ -471,7 +493,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike, *, prefix: str = "trans
     for name, (n_in, n_out, r) in shapes.items():
         expected[_key(prefix, name, "lora_A")] = (r, n_in)
         expected[_key(prefix, name, "lora_B")] = (n_out, r)
-    file_sd = load_file(str(path))
+    with reporting_damage(path):
+        file_sd = load_file(str(path))
     missing = sorted(expected.keys() - file_sd.keys())
     unexpected = sorted(file_sd.keys() - expected.keys())
     shape_errors = [

@@ -28,7 +28,8 @@ from pixcell_ext import NCT_CLASSES, artifacts, generation, models
 from pixcell_ext.adapter import AdapterConfig, UNIAdapter, save_adapter
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.data import DataError
-from pixcell_ext.lora import LoRAConfig, LoRAMismatchError, inject_lora, lora_layers, merge_lora
+from pixcell_ext.lora import DamagedFileError, LoRAConfig, LoRAMismatchError, inject_lora, lora_layers, merge_lora
+from pixcell_ext.runtime import run_main
 
 sys.path.insert(0, str(REPO))
 import generate_synthetic  # noqa: E402
@@ -318,6 +319,36 @@ def test_lora_dir_of_another_model_is_refused(tiny_stack, run_dir, tmp_path):
     save_adapter(UNIAdapter(AdapterConfig(embed_dim=48, hidden_dim=8)), wide / "adapter.safetensors")
     with pytest.raises(LoRAMismatchError, match="48-d UNI embeddings but the transformer expects 32"):
         generation.load_generation_model(models.load_transformer(str(tiny_stack.pixcell)), str(wide), "tiny")
+
+
+def user_error(*argv: str) -> str:
+    """What the script prints for a user error: run_main exits with the message, no traceback."""
+    with pytest.raises(SystemExit) as exited:
+        run_main(generate_synthetic.main, generate_synthetic.parse_args(list(argv)))
+    return str(exited.value.code)
+
+
+def test_missing_lora_dir_is_a_sentence_naming_the_flag(tiny_stack, tmp_path):
+    missing = tmp_path / "no-such-run"
+    message = user_error(*cli(tiny_stack, missing, tmp_path / "out"))
+    assert message.startswith("error: --lora_dir") and f"'{missing}' does not exist" in message
+    assert "--output_dir of a train_adapter_lora.py run" in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", [artifacts.LORA_FILE, "adapter.safetensors"])
+def test_truncated_weights_file_is_named_as_damaged_not_as_another_model(tiny_stack, run_dir, tmp_path, name):
+    damaged_run = tmp_path / "run"
+    shutil.copytree(run_dir, damaged_run)
+    data = (damaged_run / name).read_bytes()
+    (damaged_run / name).write_bytes(data[: len(data) // 2])  # a copy cut short
+    message = user_error(*cli(tiny_stack, damaged_run, tmp_path / "out"))
+    assert message.startswith(f"error: '{damaged_run / name}' is damaged or incomplete")
+    assert "copy it again" in message and "--pretrained_model_name_or_path" not in message
+    # The library path (no early check) says the same, not "pass the model the run was trained on".
+    with pytest.raises(DamagedFileError) as error:
+        generation.load_generation_model(models.load_transformer(str(tiny_stack.pixcell)), str(damaged_run), "tiny")
+    assert name in str(error.value) and "--pretrained_model_name_or_path" not in str(error.value)
 
 
 def test_work_list_reuses_references_cyclically_and_lists_unfinished_images(tmp_path):

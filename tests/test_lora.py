@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from pixcell_ext.lora import (
     DEFAULT_TARGET_MODULES,
     OPTIONAL_TARGET_MODULES,
+    DamagedFileError,
     LoRAConfig,
     LoRALinear,
     LoRAMismatchError,
@@ -303,6 +304,17 @@ def test_load_file_with_removed_key(saved, tmp_path, inputs):
     assert not lora_layers(fresh)  # all-or-nothing: the failed load did not inject anything
     with torch.no_grad():
         assert torch.equal(run(fresh, inputs), before)
+
+
+def test_truncated_file_is_reported_as_damaged_and_nothing_loads(saved, tmp_path, inputs):
+    data = saved.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    for length in (6, len(data) // 2, len(data) - 1):  # inside the header, inside the tensors, the last byte
+        cut.write_bytes(data[:length])
+        fresh = build_model()
+        with pytest.raises(DamagedFileError, match=rf"'{cut}' is damaged or incomplete.*copy it again"):
+            load_lora(fresh, cut)
+        assert not lora_layers(fresh)
 
 
 def test_load_other_alpha_reports_scaling(saved):
