@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     presets.add_model_arguments(parser)
     group = parser.add_argument_group("data")
     group.add_argument("--train_data_dir", default=None, help="One folder per class (.tif/.png/.jpg).")
-    group.add_argument("--dataset_name", default=None, help="A hub dataset with image and label columns.")
+    group.add_argument(
+        "--dataset_name", default=None, help="A hub dataset (or a save_to_disk folder) with image and label columns."
+    )
     group.add_argument("--dataset_split", default="train")
     group.add_argument("--image_column", default="image")
     group.add_argument("--label_column", default="label")
@@ -124,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--num_validation_inference_steps", type=int, default=20)
     group.add_argument("--validation_guidance_scale", type=float, default=2.0)
     args = presets.parse_with_preset(parser, argv, PRESETS)
+    if args.dataset_name and args.train_data_dir == parser.get_default("train_data_dir"):
+        args.train_data_dir = None  # a dataset replaces the preset's folder
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("Give exactly one of --train_data_dir or --dataset_name (or --preset tiny).")
     if args.augment and args.feature_cache:
@@ -152,11 +156,22 @@ def main(args: argparse.Namespace) -> None:
 
     # Data first: a bad folder should fail in seconds, not after loading 1.3 B parameters.
     if args.dataset_name:
-        args.train_data_dir = data.export_hub_dataset(accelerator, args, output_dir / "hub_dataset")
-    index = data.scan_image_folder(args.train_data_dir, classes=args.classes, skip_bad_images=args.skip_bad_images)
+        index = data.load_hub_dataset(
+            args.dataset_name,
+            split=args.dataset_split,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            classes=args.classes,
+            skip_bad_images=args.skip_bad_images,
+            accelerator=accelerator,
+        )
+    else:
+        index = data.scan_image_folder(
+            args.train_data_dir, classes=args.classes, skip_bad_images=args.skip_bad_images, accelerator=accelerator
+        )
     logger.info(f"Data: {len(index.records)} tiles in {len(index.class_names)} classes {index.counts()}")
     if index.skipped:
-        logger.warning(f"Skipped {len(index.skipped)} unreadable images (listed above).")
+        logger.warning(f"Skipped {len(index.skipped)} unusable images (listed above).")
 
     dtype = weight_dtype(accelerator)
     use_cache = args.feature_cache is not None

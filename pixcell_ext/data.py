@@ -1,4 +1,11 @@
-"""Class-folder histology data: checked before any model loads, read as 8-bit RGB, resized once per consumer.
+"""Histology tiles from a class folder or a hub dataset, both read through `datasets`: checked before any model loads,
+read as 8-bit RGB, resized once per consumer.
+
+A folder is read with `load_dataset("imagefolder")`, whose `ClassLabel` comes from the folder names; a hub dataset
+(or one saved with `save_to_disk`) brings its own image and label columns. Either way the result is an
+`ImageFolderIndex` whose order is fixed: grouped by class in `class_names` order, then by file name (a folder) or row
+(a dataset). A tile's position in that order keys its per-sample randomness and the resume position, so the same
+tiles give the same training whichever way they were stored.
 
 Resize policy: every tile is centre-cropped to a square, then resized (bicubic, antialiased) separately for each
 model from the original pixels: 224 px for UNI2-h (its training resolution) and `resolution` px (256 for PixCell-256)
@@ -8,21 +15,32 @@ for the VAE, which sees [-1, 1]. Both are carried as uint8 and converted on the 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
 
 from pixcell_ext.models import UNI_IMAGE_SIZE
 from pixcell_ext.seeding import derived_seed
 
-IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+if TYPE_CHECKING:
+    import datasets
+    from accelerate import Accelerator
+
+# A 32 px tile at NCT's 0.5 um/px spans 16 um, about two nuclei, and reaching the VAE's 256 px means upsampling it
+# 8x: what the model would learn from it is interpolation blur. Such files are thumbnails or failed crops.
+MIN_TILE_SIZE = 32
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)  # what PIL raises for broken or foreign files
 logger = logging.getLogger(__name__)
 
 
@@ -32,23 +50,52 @@ class DataError(ValueError):
 
 @dataclass
 class ImageRecord:
-    path: Path
+    """One tile: an image file, or (with `path` None) row `row` of the index's dataset, which holds its bytes."""
+
+    path: Path | None
     label: int
+    row: int | None = None
 
 
 @dataclass
 class ImageFolderIndex:
-    root: Path
+    """The tiles of a class folder or of a dataset, in the fixed order described in the module docstring."""
+
+    root: Path | str  # the folder, or the dataset's name
     class_names: list[str]
     records: list[ImageRecord]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[tuple[Path | str, str]] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
+    rows: datasets.Dataset | None = None  # the undecoded image column of a dataset whose rows hold the bytes
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(self.class_names, 0)
         for record in self.records:
             counts[self.class_names[record.label]] += 1
         return counts
+
+    def image(self, i: int) -> Image.Image:
+        """Tile `i` as 8-bit RGB."""
+        return read_rgb(self._source(i))
+
+    def digest(self, i: int) -> str:
+        """SHA-256 of tile `i`'s encoded bytes: a file's content hash, or the same hash of a row's stored bytes, so
+        the same image file keys the same feature-cache entry whether it came from a folder or a dataset."""
+        source = self._source(i)
+        if isinstance(source, io.BytesIO):
+            return hashlib.sha256(source.getbuffer()).hexdigest()
+        return file_digest(source)
+
+    def name(self, i: int) -> Path | str:
+        """What an error message calls tile `i`: its path, or its dataset row."""
+        record = self.records[i]
+        return record.path if record.path is not None else f"{self.root} row {record.row}"
+
+    def _source(self, i: int) -> Path | io.BytesIO:
+        record = self.records[i]
+        if record.path is not None:
+            return record.path
+        return io.BytesIO(self.rows[record.row][self.rows.column_names[0]]["bytes"])
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
@@ -60,18 +107,83 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_rgb(path: str | os.PathLike) -> Image.Image:
-    with Image.open(path) as image:
+def read_rgb(source: str | os.PathLike | io.BytesIO) -> Image.Image:
+    with Image.open(source) as image:
         image.load()
         return to_rgb8(image)
 
 
-def _unreadable_reason(path: Path) -> str | None:
+def split_map(accelerator: Accelerator | None, fn: Callable[[int], Any], count: int, *, desc: str) -> list:
+    """`[fn(0), ..., fn(count - 1)]` on every process, each process computing its share (on a few threads: the work
+    is file reading and decoding). Without an accelerator, one process does it all."""
+    from accelerate.utils import gather_object
+
+    distributed = accelerator is not None and accelerator.num_processes > 1
+    mine = list(range(count))
+    if distributed:
+        mine = mine[accelerator.process_index :: accelerator.num_processes]
+    quiet = accelerator is not None and not accelerator.is_main_process
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        values = list(tqdm(pool.map(fn, mine), total=len(mine), desc=desc, disable=quiet or count < 1000))
+    pairs = list(zip(mine, values, strict=True))
+    results = dict(gather_object(pairs) if distributed else pairs)
+    return [results[i] for i in range(count)]
+
+
+def _problem(index: ImageFolderIndex, i: int) -> str | None:
+    """Why tile `i` cannot be trained on, or None."""
     try:
-        read_rgb(path)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        image = index.image(i)
+    except UNREADABLE as error:
         return f"{type(error).__name__}: {error}"
+    if min(image.size) < MIN_TILE_SIZE:
+        return f"{image.width}x{image.height} px, under the {MIN_TILE_SIZE} px minimum on a side"
     return None
+
+
+def check_images(index: ImageFolderIndex, *, skip_bad_images: bool, accelerator: Accelerator | None = None) -> None:
+    """Decode every tile (the work split across processes) and refuse unreadable or too small ones by name, or, with
+    `skip_bad_images`, drop them from `index.records` (listed in `index.skipped`)."""
+    problems = split_map(accelerator, lambda i: _problem(index, i), len(index.records), desc="checking images")
+    bad = [(i, reason) for i, reason in enumerate(problems) if reason is not None]
+    if bad and not skip_bad_images:
+        listing = "\n".join(f"  {index.name(i)}: {reason}" for i, reason in bad[:10])
+        raise DataError(
+            f"{len(bad)} unusable image(s) in '{index.root}':\n{listing}\n"
+            "Replace or delete them, or pass --skip_bad_images to skip them."
+        )
+    index.skipped = [(index.name(i), reason) for i, reason in bad]
+    for name, reason in index.skipped:
+        logger.warning("Skipping image %s (%s)", name, reason)
+    bad_ids = {i for i, _ in bad}
+    index.records = [record for i, record in enumerate(index.records) if i not in bad_ids]
+
+
+def _hidden(name: str) -> bool:
+    """Names `datasets` leaves out of a folder: dot-files (macOS `._*`, `.DS_Store`) and `__*` (`__MACOSX`)."""
+    return name.startswith((".", "__"))
+
+
+def _load(accelerator: Accelerator | None, load: Callable[[], datasets.Dataset]) -> datasets.Dataset:
+    """One process builds the `datasets` cache (or downloads) first; the others then read it."""
+    if accelerator is None:
+        return load()
+    with accelerator.main_process_first():
+        return load()
+
+
+def _records(dataset: datasets.Dataset, image_column: str, labels: list[int]) -> list[ImageRecord]:
+    """Records of the rows whose label is >= 0, read from the Arrow table without touching the image bytes."""
+    import pyarrow.compute as pc
+
+    images = dataset.with_format("arrow")[image_column]
+    paths = pc.struct_field(images, "path").to_pylist()
+    stored = pc.is_valid(pc.struct_field(images, "bytes")).to_pylist()
+    return [
+        ImageRecord(None, label, row) if has_bytes else ImageRecord(Path(path), label)
+        for row, (label, path, has_bytes) in enumerate(zip(labels, paths, stored, strict=True))
+        if label >= 0
+    ]
 
 
 def scan_image_folder(
@@ -81,52 +193,142 @@ def scan_image_folder(
     skip_bad_images: bool = False,
     allow_missing_classes: bool = False,
     verify: bool = True,
-    num_threads: int = 8,
+    accelerator: Accelerator | None = None,
 ) -> ImageFolderIndex:
-    """Index `root/<CLASS>/*.{tif,png,jpg}` and check that every image decodes.
+    """Index `root/<CLASS>/<image>` through `datasets`' image folder and check that every image can be used.
 
-    A missing or empty root, a class folder with no images, or an unreadable file raises `DataError` naming it;
-    `skip_bad_images` skips unreadable files (listed in `skipped`), `allow_missing_classes` records missing or empty
-    class folders in `empty_classes` instead of failing (generation falls back for them).
+    Only files directly inside a class folder count; hidden files and folders are ignored. A missing or empty root,
+    a class folder with no images, or an unusable file raises `DataError` naming it; `skip_bad_images` skips unusable
+    files (listed in `skipped`), `allow_missing_classes` records missing or empty class folders in `empty_classes`
+    instead of failing (generation falls back for them).
     """
+    import datasets
+
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"Data directory '{root}' does not exist or is not a directory.")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
     class_names = list(classes) if classes else found
     if not class_names:
         raise DataError(
             f"'{root}' has no class folders. Expected one folder per class, e.g. '{root}/TUM/TUM-0001.tif'."
         )
-    records, empty = [], []
-    for label, name in enumerate(class_names):
-        folder = root / name
-        files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
-        if not files:
+
+    def load() -> datasets.Dataset:
+        # "*/*": files directly in a class folder; no split or metadata files are read into the folder's meaning.
+        # No progress bars: "downloading" local files would only confuse.
+        quiet = datasets.utils.are_progress_bars_disabled()
+        datasets.utils.disable_progress_bars()
+        try:
+            return datasets.load_dataset(
+                "imagefolder",
+                data_dir=str(root),
+                data_files={"train": "*/*"},
+                split="train",
+                drop_labels=False,
+                drop_metadata=True,
+            )
+        finally:
+            if not quiet:
+                datasets.utils.enable_progress_bars()
+
+    try:
+        dataset = _load(accelerator, load)
+    except (FileNotFoundError, ValueError):  # no image in any class folder: reported per class below
+        records = []
+    else:
+        names = dataset.features["label"].names
+        position = {name: label for label, name in enumerate(class_names)}
+        labels = [position.get(names[label], -1) for label in dataset.with_format("arrow")["label"].to_pylist()]
+        records = sorted(_records(dataset, "image", labels), key=lambda r: (r.label, str(r.path)))
+    index = ImageFolderIndex(root, class_names, records)
+    for name, count in index.counts().items():
+        if count == 0:
+            folder = root / name
             if not allow_missing_classes:
                 what = "has no images" if folder.is_dir() else "does not exist"
                 raise DataError(
-                    f"Class folder '{folder}' {what} ({', '.join(IMAGE_EXTENSIONS)} are read). "
+                    f"Class folder '{folder}' {what} (.tif, .png, .jpg and the other formats PIL reads are read). "
                     "Add images, remove the folder, or pass --classes without it."
                 )
-            empty.append(name)
-        records.extend(ImageRecord(path, label) for path in files)
-    index = ImageFolderIndex(root, class_names, records, empty_classes=empty)
+            index.empty_classes.append(name)
     if verify:
-        with ThreadPoolExecutor(num_threads) as pool:
-            reasons = list(pool.map(_unreadable_reason, [r.path for r in records]))
-        bad = [(r.path, reason) for r, reason in zip(records, reasons, strict=True) if reason is not None]
-        if bad and not skip_bad_images:
-            listing = "\n".join(f"  {path}: {reason}" for path, reason in bad[:10])
-            raise DataError(
-                f"{len(bad)} unreadable image(s) under '{root}':\n{listing}\n"
-                "Replace or delete them, or pass --skip_bad_images to skip them."
-            )
-        bad_paths = {path for path, _ in bad}
-        index.records = [r for r in records if r.path not in bad_paths]
-        index.skipped = bad
-        for path, reason in bad:
-            logger.warning("Skipping unreadable image %s (%s)", path, reason)
+        check_images(index, skip_bad_images=skip_bad_images, accelerator=accelerator)
+    return index
+
+
+def load_hub_dataset(
+    name: str,
+    *,
+    split: str = "train",
+    image_column: str = "image",
+    label_column: str = "label",
+    classes: list[str] | None = None,
+    skip_bad_images: bool = False,
+    accelerator: Accelerator | None = None,
+) -> ImageFolderIndex:
+    """Index a dataset with an image and a label column: a hub id, a local dataset repository, or a folder written
+    by `save_to_disk`. Every image is checked as for a folder; rows stay in the dataset (nothing is exported).
+
+    Class names are the `ClassLabel` names in their declared order (other label types: their sorted values), or
+    `classes` in the given order.
+    """
+    import datasets
+
+    def load() -> datasets.Dataset:
+        if (Path(name) / "dataset_dict.json").is_file():
+            return datasets.load_from_disk(name)[split]
+        if (Path(name) / "state.json").is_file():
+            return datasets.load_from_disk(name)
+        return datasets.load_dataset(name, split=split)
+
+    try:
+        dataset = _load(accelerator, load)
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(
+            f"Could not load dataset '{name}' (split '{split}'): {type(error).__name__}: {error}. Check the name and "
+            "--dataset_split, and for a gated hub dataset accept its terms and run `hf auth login`."
+        ) from error
+    missing = [column for column in (image_column, label_column) if column not in dataset.column_names]
+    if missing:
+        raise DataError(
+            f"Dataset '{name}' has no column {', '.join(map(repr, missing))}; its columns are {dataset.column_names}. "
+            "Name the right ones with --image_column and --label_column."
+        )
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        raise DataError(
+            f"Column '{image_column}' of dataset '{name}' holds {dataset.features[image_column]}, not images. "
+            "Name the image column with --image_column."
+        )
+    dataset = dataset.select_columns([image_column, label_column])
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    values = dataset.with_format("arrow")[label_column].to_pylist()
+    unlabelled = sum(value is None or value == -1 for value in values)
+    if unlabelled:
+        raise DataError(
+            f"{unlabelled} row(s) of dataset '{name}' (split '{split}') have no label in column '{label_column}'. "
+            "Train on a labelled split (--dataset_split)."
+        )
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        names = feature.names
+    else:  # plain ints or strings: sorted values, as `class_encode_column` would name them (without rewriting rows)
+        names = [str(value) for value in sorted(set(values))]
+        values = [names.index(str(value)) for value in values]
+    class_names = list(classes) if classes else list(names)
+    unknown = [c for c in class_names if c not in names]
+    if unknown:
+        raise DataError(f"Class(es) {unknown} are not labels of dataset '{name}' (its labels: {names}). Fix --classes.")
+    position = {class_name: label for label, class_name in enumerate(class_names)}
+    labels = [position.get(names[value], -1) for value in values]
+    records = sorted(_records(dataset, image_column, labels), key=lambda r: r.label)  # stable: row order per class
+    index = ImageFolderIndex(name, class_names, records, rows=dataset.select_columns([image_column]))
+    empty = [class_name for class_name, count in index.counts().items() if count == 0]
+    if empty:
+        raise DataError(
+            f"Dataset '{name}' (split '{split}') has no rows of class(es) {empty}. Pass --classes without them."
+        )
+    check_images(index, skip_bad_images=skip_bad_images, accelerator=accelerator)
     return index
 
 
@@ -176,7 +378,7 @@ class TileDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         record = self.index.records[i]
-        return {"index": i, "label": record.label, **model_inputs(read_rgb(record.path), self.resolution)}
+        return {"index": i, "label": record.label, **model_inputs(self.index.image(i), self.resolution)}
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -214,23 +416,3 @@ def dihedral(pixels: torch.Tensor, code: int) -> torch.Tensor:
     if code >= 4:
         pixels = pixels.flip(-1)
     return torch.rot90(pixels, code % 4, dims=(-2, -1))
-
-
-def export_hub_dataset(accelerator, args, target: Path) -> Path:
-    """Write a hub dataset (image + label columns) once as class folders, so that it goes through the same checks,
-    content hashing and caching as a local folder. The main process writes; the others wait."""
-    if accelerator.is_main_process and not target.exists():
-        import datasets
-
-        dataset = datasets.load_dataset(args.dataset_name, split=args.dataset_split)
-        label_feature = dataset.features[args.label_column]
-        names = getattr(label_feature, "names", None)
-        tmp = target.with_name(target.name + ".partial")
-        for i, row in enumerate(dataset):
-            label = row[args.label_column]
-            folder = tmp / (names[label] if names else str(label))
-            folder.mkdir(parents=True, exist_ok=True)
-            to_rgb8(row[args.image_column]).save(folder / f"{i:08d}.png")
-        os.replace(tmp, target)
-    accelerator.wait_for_everyone()
-    return target

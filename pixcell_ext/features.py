@@ -1,10 +1,10 @@
 """Frozen-model features of a tile: computed on the fly, or once into a content-addressed cache.
 
 The cache stores the VAE posterior's mean and std (the sample is drawn at load time, as the authors' own cache does)
-and the UNI2-h embedding. Each entry is keyed by the SHA-256 of the image file's bytes, the identities of the VAE and
-UNI models and the resolution, so an edited image or a different model never reuses a stale feature. Entries live in
-safetensors shards; every shard is written under a temporary name and renamed, so a killed run loses at most the
-shard in progress and never leaves a half-written one.
+and the UNI2-h embedding. Each entry is keyed by the SHA-256 of the image's encoded bytes (the file, or the bytes a
+dataset row stores), the identities of the VAE and UNI models and the resolution, so an edited image or a different
+model never reuses a stale feature. Entries live in safetensors shards; every shard is written under a temporary name
+and renamed, so a killed run loses at most the shard in progress and never leaves a half-written one.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from pixcell_ext.data import ImageFolderIndex, TileDataset, dihedral, file_digest, vae_input
+from pixcell_ext.data import ImageFolderIndex, TileDataset, dihedral, file_digest, split_map, vae_input
 from pixcell_ext.models import AutoencoderKL, UNIEncoder, encode_latent_distribution, posterior_latents
 
 SHARD_ROWS = 1024
@@ -128,7 +128,7 @@ def build_feature_cache(
 
     `load_encoders()` returns (vae, uni) on the device and is called only when something is missing.
     """
-    digests = hash_files(accelerator, [record.path for record in index.records])
+    digests = split_map(accelerator, index.digest, len(index.records), desc="hashing")
     keys = entry_keys(digests, vae_identity, uni_identity, resolution)
     missing = sorted({key: i for i, key in enumerate(keys) if key not in cache.rows}.values())
     if missing:
@@ -142,12 +142,7 @@ def build_feature_cache(
 
 def hash_files(accelerator: Accelerator, paths: list[Path]) -> list[str]:
     """SHA-256 of every file, split across processes; every process gets the full list, in order."""
-    from accelerate.utils import gather_object
-
-    mine = range(accelerator.process_index, len(paths), accelerator.num_processes)
-    pairs = [(i, file_digest(paths[i])) for i in tqdm(mine, desc="hashing", disable=not accelerator.is_main_process)]
-    digests = dict(gather_object(pairs) if accelerator.num_processes > 1 else pairs)
-    return [digests[i] for i in range(len(paths))]
+    return split_map(accelerator, lambda i: file_digest(paths[i]), len(paths), desc="hashing")
 
 
 def _encode_into_cache(accelerator, index, keys, missing, cache, vae, uni, resolution, batch_size, num_workers):
