@@ -122,6 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--checkpointing_steps", type=int, default=500)
     group.add_argument("--checkpoints_total_limit", type=int, default=None)
     group.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds another run, deleting what that run wrote.",
+    )
     group.add_argument("--validation_steps", type=int, default=500)
     group.add_argument("--num_validation_inference_steps", type=int, default=20)
     group.add_argument("--validation_guidance_scale", type=float, default=2.0)
@@ -135,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--augment cannot be combined with --feature_cache: cached features are of the unrotated tile. "
             "Drop --augment, or train on the fly without --feature_cache."
         )
+    if args.overwrite and args.resume_from_checkpoint:
+        parser.error("--overwrite starts a new run and --resume_from_checkpoint continues one: give one of them.")
     return args
 
 
@@ -153,6 +160,15 @@ def main(args: argparse.Namespace) -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    artifacts.check_writable(output_dir)
+    artifacts.claim_output_dir(
+        output_dir,
+        resuming=bool(args.resume_from_checkpoint),
+        overwrite=args.overwrite,
+        logging_dir=args.logging_dir,
+        is_main=accelerator.is_main_process,
+    )
+    accelerator.wait_for_everyone()
 
     # Data first: a bad folder should fail in seconds, not after loading 1.3 B parameters.
     if args.dataset_name:
@@ -172,6 +188,24 @@ def main(args: argparse.Namespace) -> None:
     logger.info(f"Data: {len(index.records)} tiles in {len(index.class_names)} classes {index.counts()}")
     if index.skipped:
         logger.warning(f"Skipped {len(index.skipped)} unusable images (listed above).")
+    checkpoint = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    updates_per_epoch = checkpointing.updates_per_epoch(
+        len(index.records), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps
+    )
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    if checkpoint is not None:
+        checkpointing.check_resumable(checkpoint, vars(args))
+        done = checkpointing.read_progress(checkpoint).global_step
+        if done >= max_train_steps:
+            written = []
+            if accelerator.is_main_process:
+                written = checkpointing.finish_from_checkpoint(checkpoint, output_dir)
+            accelerator.wait_for_everyone()
+            logger.info(
+                f"The run in {output_dir} is complete: {checkpoint.name} holds {done} of {max_train_steps} updates, "
+                f"so nothing is trained" + (f"; wrote {', '.join(written)} from it." if written else ".")
+            )
+            return
 
     dtype = weight_dtype(accelerator)
     use_cache = args.feature_cache is not None
@@ -246,6 +280,7 @@ def main(args: argparse.Namespace) -> None:
         dataset = features.CachedFeatureDataset(index, keys, cache)
     else:
         dataset = data.TileDataset(index, resolution)
+    run_config = {**vars(args), "class_names": index.class_names, "resolution": resolution}
     noise_scheduler = models.training_scheduler(stack.scheduler_config)
     latent_size = resolution // models.vae_scale_factor(vae)
     randomness_spec = diffusion.RandomnessSpec(
@@ -275,8 +310,6 @@ def main(args: argparse.Namespace) -> None:
     )
     apply_gradient_clipping_to_deepspeed(accelerator, args.max_grad_norm)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
-    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
     # Stepped by us once per optimiser update, so warm-up and decay are in updates for any number of processes.
     lr_scheduler = get_scheduler(
@@ -292,7 +325,6 @@ def main(args: argparse.Namespace) -> None:
     validation_references = validation.reference_tiles(index, validation_ids, resolution)
 
     progress = checkpointing.TrainingProgress()
-    checkpoint = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         progress = checkpointing.load_checkpoint(accelerator, checkpoint)
         logger.info(f"Resumed from {checkpoint}: step {progress.global_step}, epoch {progress.epoch}")
@@ -300,7 +332,7 @@ def main(args: argparse.Namespace) -> None:
         logger.info(f"No checkpoint in {output_dir} yet: starting a new run.")
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("pixcell_adapter_lora", config=artifacts.loggable_config(args))
+        accelerator.init_trackers("pixcell_adapter_lora", config=artifacts.loggable_config(run_config))
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         f"Training: {accelerator.num_processes} process(es), {args.train_batch_size} per process x "
@@ -367,7 +399,14 @@ def main(args: argparse.Namespace) -> None:
                 bad_in_a_row += 1
                 logger.warning(f"Non-finite loss at step {progress.global_step}: update skipped ({bad_in_a_row})")
                 if bad_in_a_row >= args.max_bad_steps:
-                    raise RuntimeError(too_many_bad_steps_message(bad_in_a_row, args))
+                    raise RuntimeError(
+                        too_many_bad_steps_message(
+                            bad_in_a_row,
+                            max_bad_steps=args.max_bad_steps,
+                            learning_rate=args.learning_rate,
+                            max_grad_norm=args.max_grad_norm,
+                        )
+                    )
             else:
                 bad_in_a_row = 0
             window_is_bad = False
@@ -380,7 +419,9 @@ def main(args: argparse.Namespace) -> None:
             accelerator.log(logs, step=progress.global_step)
 
             if progress.global_step % args.checkpointing_steps == 0 or progress.global_step == max_train_steps:
-                saved = checkpointing.save_checkpoint(accelerator, output_dir, progress, args.checkpoints_total_limit)
+                saved = checkpointing.save_checkpoint(
+                    accelerator, output_dir, progress, args.checkpoints_total_limit, run_config
+                )
                 logger.info(f"Saved {saved}")
             if progress.global_step % args.validation_steps == 0 or progress.global_step == max_train_steps:
                 model.eval()
@@ -408,8 +449,10 @@ def main(args: argparse.Namespace) -> None:
     check_replicas_identical(accelerator, trainable)
     logger.info(f"Trainable weights are bit-identical on all {accelerator.num_processes} process(es)")
     if accelerator.is_main_process:
-        artifacts.save_trained(output_dir, unwrapped, lora_config)
-        artifacts.write_run_summary(output_dir, args, index.class_names, resolution, progress.global_step)
+        last = f"checkpoint-{progress.global_step}"
+        with artifacts.disk_full_explained(output_dir, "the final weights", last):
+            artifacts.save_trained(output_dir, unwrapped, lora_config)
+            artifacts.write_run_summary(output_dir, {**run_config, "trained_steps": progress.global_step})
         logger.info(f"Wrote adapter, LoRA, config and model card to {output_dir}")
     accelerator.end_training()
 

@@ -6,21 +6,27 @@ name diffusers' `load_lora_weights` looks for), `training_config.json` and a mod
 
 from __future__ import annotations
 
-import argparse
+import errno
 import json
 import os
+import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 from pixcell_ext.adapter import ADAPTER_FILE, UNIAdapter, load_adapter, save_adapter
 from pixcell_ext.conditioning import AdaptedPixCell
-from pixcell_ext.files import write_json_atomically
+from pixcell_ext.files import write_json_atomically, write_text_atomically
 from pixcell_ext.lora import LoRAConfig, load_lora, save_lora
 from pixcell_ext.models import PixCellTransformer2DModel
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CONFIG_FILE = "training_config.json"
+MODEL_CARD_FILE = "README.md"
+# Complete checkpoints and the partial folders of interrupted saves (see checkpointing.py).
+CHECKPOINT_NAME = re.compile(r"^(checkpoint-\d+|\.checkpoint-\d+\.partial)$")
 
 
 def save_trained(directory: str | os.PathLike, model: AdaptedPixCell, lora_config: LoRAConfig) -> None:
@@ -81,9 +87,9 @@ def checkpoint_load_hook(accelerator):
     return hook
 
 
-def loggable_config(args: argparse.Namespace) -> dict:
+def loggable_config(config: dict) -> dict:
     """TensorBoard's hparams accept scalars and strings only."""
-    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()}
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in config.items()}
 
 
 MODEL_CARD = """---
@@ -105,23 +111,88 @@ accelerate launch generate_synthetic.py --pretrained_model_name_or_path {base} -
 """
 
 
-def write_run_summary(
-    directory: Path, args: argparse.Namespace, class_names: list[str], resolution: int, steps: int
-) -> None:
-    """The resolved configuration (what generation and evaluation read back) and a model card."""
-    config = {**vars(args), "class_names": class_names, "resolution": resolution, "trained_steps": steps}
+def write_run_summary(directory: Path, config: dict) -> None:
+    """The resolved configuration (what generation and evaluation read back) and a model card.
+
+    `config` is the run's flags plus `class_names`, `resolution` and `trained_steps`."""
+    directory = Path(directory)
     write_json_atomically(directory / CONFIG_FILE, config)
     card = MODEL_CARD.format(
-        base=args.pretrained_model_name_or_path,
-        data=args.train_data_dir,
-        tokens=args.adapter_tokens,
-        rank=args.lora_rank,
-        alpha=args.lora_alpha or args.lora_rank,
-        targets=", ".join(args.lora_targets),
-        blocks=args.lora_blocks,
-        classes=", ".join(class_names),
-        resolution=resolution,
-        steps=steps,
+        base=config["pretrained_model_name_or_path"],
+        data=config.get("train_data_dir") or config.get("dataset_name"),
+        tokens=config["adapter_tokens"],
+        rank=config["lora_rank"],
+        alpha=config["lora_alpha"] or config["lora_rank"],
+        targets=", ".join(config["lora_targets"]),
+        blocks=config["lora_blocks"],
+        classes=", ".join(config["class_names"]),
+        resolution=config["resolution"],
+        steps=config["trained_steps"],
         output=directory,
     )
-    (directory / "README.md").write_text(card)
+    write_text_atomically(directory / MODEL_CARD_FILE, card)
+
+
+class RunDirectoryError(ValueError):
+    """The output folder cannot take this run: used by another run, not writable, or full."""
+
+
+def check_writable(directory: Path) -> None:
+    """Fail in a second, before any model loads, rather than at the first checkpoint an hour later."""
+    probe = Path(directory) / f".write-probe-{os.getpid()}"
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise RunDirectoryError(
+            f"Cannot write to --output_dir '{directory}' ({error.strerror or error}). Choose a folder you can write "
+            "to, or fix its permissions (a read-only mount, or a path under a file, is not usable)."
+        ) from error
+
+
+def run_outputs(directory: Path, logging_dir: str) -> list[Path]:
+    """Everything a training run writes into its output folder, and nothing else (not a cache or exported data)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    names = [ADAPTER_FILE, LORA_FILE, CONFIG_FILE, MODEL_CARD_FILE, "validation", logging_dir]
+    found = [directory / name for name in names if (directory / name).exists()]
+    return found + sorted(p for p in directory.iterdir() if CHECKPOINT_NAME.match(p.name))
+
+
+def claim_output_dir(directory: Path, *, resuming: bool, overwrite: bool, logging_dir: str, is_main: bool) -> None:
+    """A new run must not mix with another run's checkpoints or weights: `latest` would resume the old run and the
+    old weights would be written under the new configuration. Refused unless told to resume or to overwrite."""
+    directory = Path(directory)
+    outputs = run_outputs(directory, logging_dir)
+    used = [p.name for p in outputs if p.name in (ADAPTER_FILE, LORA_FILE) or p.name.startswith("checkpoint-")]
+    if used and not resuming and not overwrite:
+        raise RunDirectoryError(
+            f"--output_dir '{directory}' already holds another run ({', '.join(used[:4])}"
+            f"{', ...' if len(used) > 4 else ''}). Continue it with --resume_from_checkpoint latest, start over "
+            "with --overwrite (deletes its checkpoints, weights, config, model card, validation panels and logs), "
+            "or choose another --output_dir."
+        )
+    if overwrite and is_main:
+        for path in outputs:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@contextmanager
+def disk_full_explained(directory: Path, what: str, last_complete: str | None):
+    """A full disk is the common failure of a long run's saves; say so instead of showing an OSError traceback."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise RunDirectoryError(
+            f"The disk holding --output_dir '{directory}' is full: {what} could not be written. "
+            + (
+                f"The last complete checkpoint, {last_complete}, is intact: free some space, then resubmit the same "
+                "command with --resume_from_checkpoint latest."
+                if last_complete
+                else "No checkpoint was complete yet: free some space and start the run again."
+            )
+        ) from error

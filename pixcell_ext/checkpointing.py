@@ -8,6 +8,7 @@ mistaken for a checkpoint, and `--resume_from_checkpoint latest` takes the last 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -15,6 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
+
+from pixcell_ext import artifacts
+from pixcell_ext.adapter import ADAPTER_FILE
+from pixcell_ext.artifacts import CONFIG_FILE
+from pixcell_ext.files import write_bytes_atomically, write_json_atomically
 
 STATE_FILE = "training_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -56,18 +62,31 @@ def resolve_checkpoint(output_dir: str | os.PathLike, resume_from: str | None) -
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | os.PathLike, progress: TrainingProgress, total_limit: int | None
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    progress: TrainingProgress,
+    total_limit: int | None,
+    run_config: dict,
 ) -> Path:
+    """Save the training state and the run's configuration (what a resubmission is checked against)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{progress.global_step}"
     partial = output_dir / f".checkpoint-{progress.global_step}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
+    last = complete_checkpoints(output_dir)
+    try:
+        with artifacts.disk_full_explained(output_dir, final.name, last[-1].name if last else None):
+            accelerator.save_state(str(partial))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_json_atomically(partial / STATE_FILE, asdict(progress))
+                write_json_atomically(partial / CONFIG_FILE, {**run_config, "trained_steps": progress.global_step})
+    except artifacts.RunDirectoryError:
+        shutil.rmtree(partial, ignore_errors=True)  # frees what it took; the last complete checkpoint is untouched
+        raise
     if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps(asdict(progress), indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -78,6 +97,71 @@ def save_checkpoint(
     return final
 
 
+def read_progress(checkpoint: Path) -> TrainingProgress:
+    return TrainingProgress(**json.loads((checkpoint / STATE_FILE).read_text()))
+
+
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> TrainingProgress:
     accelerator.load_state(str(checkpoint))
-    return TrainingProgress(**json.loads((checkpoint / STATE_FILE).read_text()))
+    return read_progress(checkpoint)
+
+
+def updates_per_epoch(num_samples: int, batch_size: int, num_processes: int, accumulation: int) -> int:
+    """Optimiser updates in one epoch, known before any model loads: accelerate shards the batches over the processes
+    (evenly: short processes wrap around), and the last window of an epoch may hold fewer micro-batches."""
+    batches_per_process = math.ceil(math.ceil(num_samples / batch_size) / num_processes)
+    return math.ceil(batches_per_process / accumulation)
+
+
+# Flags that fix the shapes (or the meaning) of the trained weights: a resumed run must keep them.
+MODEL_FLAGS = (
+    "adapter_tokens",
+    "adapter_hidden_dim",
+    "lora_rank",
+    "lora_alpha",
+    "use_rslora",
+    "lora_targets",
+    "lora_blocks",
+    "lora_block_ranks",
+    "class_conditioning",
+    "classes",
+)
+
+
+def check_resumable(checkpoint: Path, flags: dict) -> None:
+    """Compare the model flags of this run with those the checkpoint was trained with, before any state loads: a
+    mismatch would otherwise surface as a shape error deep in `load_state_dict`."""
+    recorded = artifacts.read_training_config(checkpoint)
+    if not recorded:
+        return  # a checkpoint written before checkpoints recorded their configuration
+    pairs = [(flag, recorded.get(flag), flags.get(flag)) for flag in MODEL_FLAGS]
+    had_head, has_head = (recorded.get("class_loss_weight") or 0) > 0, (flags.get("class_loss_weight") or 0) > 0
+    if had_head != has_head:
+        pairs.append(("class_loss_weight", recorded.get("class_loss_weight"), flags.get("class_loss_weight")))
+    for flag, then, now in pairs:
+        if then != now:
+            raise artifacts.RunDirectoryError(
+                f"{checkpoint.name} in '{checkpoint.parent}' was trained with --{flag} {_shown(then)}, but this run "
+                f"asks for --{flag} {_shown(now)}. Resume with --{flag} {_shown(then)}, or start a new run in another "
+                "--output_dir (or with --overwrite)."
+            )
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "(not given)"
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def finish_from_checkpoint(checkpoint: Path, output_dir: Path) -> list[str]:
+    """A resubmitted run that already reached its last update writes, from its final checkpoint, whichever final
+    outputs are missing (it was killed after that checkpoint) and trains nothing; returns the names written."""
+    written = []
+    for name in (ADAPTER_FILE, artifacts.LORA_FILE):
+        if not (output_dir / name).exists():
+            write_bytes_atomically(output_dir / name, (checkpoint / name).read_bytes())
+            written.append(name)
+    if not (output_dir / CONFIG_FILE).exists() or not (output_dir / artifacts.MODEL_CARD_FILE).exists():
+        artifacts.write_run_summary(output_dir, artifacts.read_training_config(checkpoint))
+        written += [CONFIG_FILE, artifacts.MODEL_CARD_FILE]
+    return written

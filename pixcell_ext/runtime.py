@@ -41,11 +41,11 @@ def make_optimizer(params, *, use_8bit: bool, **hyperparameters) -> torch.optim.
     return bitsandbytes.optim.AdamW8bit(params, **hyperparameters)
 
 
-def too_many_bad_steps_message(count: int, args) -> str:
+def too_many_bad_steps_message(count: int, *, max_bad_steps: int, learning_rate: float, max_grad_norm: float) -> str:
     return (
         f"The loss was not finite for {count} updates in a row, so training stopped (--max_bad_steps "
-        f"{args.max_bad_steps}). Try a lower --learning_rate (now {args.learning_rate}), --mixed_precision bf16 "
-        f"instead of fp16, a tighter --max_grad_norm (now {args.max_grad_norm}), or resume from an earlier "
+        f"{max_bad_steps}). Try a lower --learning_rate (now {learning_rate}), --mixed_precision bf16 "
+        f"instead of fp16, a tighter --max_grad_norm (now {max_grad_norm}), or resume from an earlier "
         "checkpoint with --resume_from_checkpoint; check the data for blank or corrupt tiles."
     )
 
@@ -72,6 +72,7 @@ def run_main(main, args) -> None:
     """Run a script's `main`; errors whose message already says what to do are printed without a traceback."""
     import sys
 
+    from pixcell_ext.artifacts import RunDirectoryError
     from pixcell_ext.data import DataError
     from pixcell_ext.generation import GenerationConfigError
     from pixcell_ext.lora import LoRAMismatchError
@@ -79,5 +80,5 @@ def run_main(main, args) -> None:
 
     try:
         main(args)
-    except (DataError, GatedModelError, LoRAMismatchError, GenerationConfigError) as error:
+    except (DataError, GatedModelError, LoRAMismatchError, GenerationConfigError, RunDirectoryError) as error:
         sys.exit(f"error: {error}")

@@ -167,6 +167,83 @@ def test_resume_across_an_epoch_boundary_with_accumulation_on_two_processes(tiny
     assert logged_losses(resumed) == pytest.approx(logged_losses(straight)[-3:], abs=1e-6)
 
 
+def run_failing(stack, output_dir: Path, *extra: str) -> str:
+    command = launch_command(1, "train_adapter_lora.py", *train_args(stack, output_dir, *extra))
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Loaded PixCell" not in result.stderr  # refused before any model loads
+    assert 'train_adapter_lora.py", line' not in result.stderr  # a sentence, not a stack (the launcher adds its own)
+    return result.stderr
+
+
+def test_resubmitting_a_finished_run_trains_nothing(tiny_stack, tmp_path, two_epoch_run):
+    output_dir = tmp_path / "finished"
+    shutil.copytree(two_epoch_run, output_dir)
+    before = {p.name: p.read_bytes() for p in output_dir.glob("*.safetensors")}
+    result = run_training(
+        tiny_stack, output_dir, "--max_train_steps", "12", "--checkpointing_steps", "10",
+        "--resume_from_checkpoint", "latest",
+    )  # fmt: skip
+    assert "is complete: checkpoint-12 holds 12 of 12 updates" in result.stderr
+    assert "Loaded PixCell" not in result.stderr
+    assert {p.name: p.read_bytes() for p in output_dir.glob("*.safetensors")} == before
+    assert json.loads((output_dir / "training_config.json").read_text())["trained_steps"] == 12
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-12"]
+    assert len(logged_losses(output_dir)) == 12
+
+
+def test_a_run_killed_after_its_final_checkpoint_writes_its_outputs(tiny_stack, tmp_path, two_epoch_run):
+    output_dir = tmp_path / "killed-at-the-end"
+    shutil.copytree(two_epoch_run, output_dir)
+    for name in ("adapter.safetensors", "pytorch_lora_weights.safetensors", "training_config.json", "README.md"):
+        (output_dir / name).unlink()
+    result = run_training(
+        tiny_stack, output_dir, "--max_train_steps", "12", "--checkpointing_steps", "10",
+        "--resume_from_checkpoint", "latest",
+    )  # fmt: skip
+    assert "wrote adapter.safetensors, pytorch_lora_weights.safetensors" in result.stderr
+    assert_same_weights(output_dir, two_epoch_run, atol=0)
+    config = json.loads((output_dir / "training_config.json").read_text())
+    assert config["trained_steps"] == 12 and config == json.loads((two_epoch_run / "training_config.json").read_text())
+    assert "12 optimiser updates" in (output_dir / "README.md").read_text()
+
+
+def test_a_new_run_into_a_used_folder_is_refused_unless_overwritten(tiny_stack, tmp_path, two_epoch_run):
+    output_dir = tmp_path / "used"
+    shutil.copytree(two_epoch_run, output_dir)
+    (output_dir / "notes.txt").write_text("mine")
+    message = run_failing(tiny_stack, output_dir, "--max_train_steps", "1")
+    assert "already holds another run" in message
+    assert "--resume_from_checkpoint latest" in message and "--overwrite" in message
+    assert (output_dir / "checkpoint-12").is_dir()
+
+    run_training(tiny_stack, output_dir, "--max_train_steps", "1", "--checkpointing_steps", "1", "--overwrite")
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert json.loads((output_dir / "training_config.json").read_text())["trained_steps"] == 1
+    assert len(logged_losses(output_dir)) == 1  # the old run's logs went with it
+    assert (output_dir / "notes.txt").read_text() == "mine"  # not something a run writes: kept
+
+
+def test_resuming_with_another_adapter_width_names_the_flag(tiny_stack, tmp_path, two_epoch_run):
+    output_dir = tmp_path / "reshaped"
+    output_dir.mkdir()
+    shutil.copytree(two_epoch_run / "checkpoint-10", output_dir / "checkpoint-10")
+    message = run_failing(
+        tiny_stack, output_dir, "--max_train_steps", "12", "--adapter_hidden_dim", "32",
+        "--resume_from_checkpoint", "latest",
+    )  # fmt: skip
+    assert "checkpoint-10" in message
+    assert "trained with --adapter_hidden_dim 64, but this run asks for --adapter_hidden_dim 32" in message
+
+
+def test_an_unwritable_output_folder_is_named_before_models_load(tiny_stack, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    message = run_failing(tiny_stack, blocker / "run")
+    assert f"Cannot write to --output_dir '{blocker / 'run'}'" in message
+
+
 def test_gradient_accumulation_matches_the_bigger_batch(tiny_stack, tmp_path, reference_run):
     output_dir = tmp_path / "accumulated"
     run_training(
