@@ -62,6 +62,12 @@ class UNITokenPositions(nn.Module):
         return tokens + self.y_pos_embed.to(tokens.dtype)
 
 
+def _placement(device_map: dict, name: str):
+    """Where a device_map puts the tensor `name`: the entry of its longest enclosing module ("" is the model)."""
+    owners = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    return device_map[max(owners, key=len)] if owners else None
+
+
 class PixCellTransformer2DModel(PixArtTransformer2DModel):
     """PixArt-Sigma transformer conditioned on UNI2-h embeddings, loadable from the released PixCell weights.
 
@@ -122,6 +128,28 @@ class PixCellTransformer2DModel(PixArtTransformer2DModel):
         self.caption_projection.register_buffer("uncond_embedding", torch.zeros(caption_num_tokens, caption_channels))
         self.y_pos_embed = UNITokenPositions(caption_num_tokens, caption_channels) if caption_num_tokens > 1 else None
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """diffusers' loader, refusing a `device_map` that offloads the checkpoint's buffers to disk.
+
+        accelerate does not load persistent buffers of a disk-offloaded module back (checked on a plain module too):
+        `uncond_embedding` would stay at zeros and guidance would silently contrast against a zero null embedding.
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        device_map = getattr(model, "hf_device_map", None) or {}
+        buffers = ["caption_projection.uncond_embedding"] + (["y_pos_embed.y_pos_embed"] if model.y_pos_embed else [])
+        on_disk = [name for name in buffers if _placement(device_map, name) == "disk"]
+        if on_disk:
+            keep = " and ".join(dict.fromkeys(name.split(".")[0] for name in on_disk))
+            raise ValueError(
+                f"The device_map offloads {', '.join(on_disk)} to disk, and accelerate does not load buffers of "
+                "disk-offloaded modules back, so they would stay at zeros (classifier-free guidance would use a zero "
+                f"null embedding). Keep {keep} on a device (a few million parameters): name it in the device_map, "
+                "e.g. {'caption_projection': 0, ...}, or give max_memory room for it."
+            )
+        return loaded
+
     def unconditional_embedding(self, batch_size: int) -> torch.Tensor:
         """The learned null UNI embedding, [B, T, C], detached (the released buffer may carry requires_grad)."""
         null = self.caption_projection.uncond_embedding.detach()
@@ -142,6 +170,8 @@ class UNIEncoder(nn.Module):
 
     The preprocessing is written out (resize to 224, ImageNet mean/std) because timm's resolved defaults for a
     model built without hub weights are the architecture's (mean/std 0.5, crop 0.9), which are wrong for UNI2-h.
+    The resize is the authors' torchvision `Resize(224)` on PIL images: bilinear with antialiasing (PIL's filter),
+    which torch's antialiased bilinear reproduces to within PIL's uint8 rounding.
     """
 
     def __init__(self, vit: nn.Module):
@@ -157,8 +187,7 @@ class UNIEncoder(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if images.shape[-2:] != (UNI_IMAGE_SIZE, UNI_IMAGE_SIZE):
-            images = F.interpolate(images, size=UNI_IMAGE_SIZE, mode="bicubic", antialias=True, align_corners=False)
-            images = images.clamp(0, 1)
+            images = F.interpolate(images, size=UNI_IMAGE_SIZE, mode="bilinear", antialias=True, align_corners=False)
         return (images - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

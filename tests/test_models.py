@@ -13,6 +13,8 @@ from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.diffusion import RandomnessSpec, diffusion_loss, draw_step_randomness
 from pixcell_ext.lora import LoRAConfig, inject_lora, lora_parameters
 from pixcell_ext.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     GatedModelError,
     PixCellTransformer2DModel,
     check_stack_compatible,
@@ -63,6 +65,28 @@ def test_interpolation_scale_and_null_embedding_come_from_the_checkpoint(tiny_st
     assert null.shape == (3, 1, transformer.config.caption_channels) and not null.requires_grad
 
 
+def test_device_map_offloading_the_null_embedding_to_disk_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = PixCellTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, sample_size=8, caption_channels=12,
+    )  # fmt: skip
+    with torch.no_grad():
+        model.caption_projection.uncond_embedding.normal_()
+    model.save_pretrained(tmp_path / "transformer")
+    top_level = [name for name, _ in model.named_children()] + ["scale_shift_table"]
+    on_cpu = dict.fromkeys(top_level, "cpu")
+    load = {"subfolder": "transformer", "offload_folder": str(tmp_path / "offload")}
+
+    # Everything on a device: the buffer is the checkpoint's.
+    kept = PixCellTransformer2DModel.from_pretrained(tmp_path, device_map=on_cpu, **load)
+    assert torch.equal(kept.caption_projection.uncond_embedding, model.caption_projection.uncond_embedding)
+    # caption_projection on disk: accelerate would leave the buffer at zeros, so the load is refused.
+    for device_map in ({**on_cpu, "caption_projection": "disk"}, {"": "disk"}):
+        with pytest.raises(ValueError, match=r"caption_projection\.uncond_embedding to disk.*Keep caption_projection"):
+            PixCellTransformer2DModel.from_pretrained(tmp_path, device_map=device_map, **load)
+
+
 def test_transformer_is_frozen_and_runs_one_denoising_step_and_decode(stack):
     transformer, vae = stack.transformer, stack.vae
     assert not any(p.requires_grad for p in transformer.parameters())
@@ -106,6 +130,20 @@ def test_uni_preprocessing_is_imagenet_normalised_and_resizes_to_224(stack):
     assert uni.preprocess(tile).shape == (2, 3, 224, 224)
     assert torch.allclose(uni(tile), uni(tile.float() / 255), atol=1e-6)
     assert uni(tile).shape == (2, 1, 32)
+
+
+def test_uni_resize_is_torchvisions_resize_224_on_a_pil_image(stack):
+    """The authors' UNI2-h transform is `Resize(224)` (PIL bilinear, antialiased) then `ToTensor`."""
+    from PIL import Image
+    from torchvision import transforms
+
+    tile = torch.randint(0, 256, (256, 256, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    reference = transforms.ToTensor()(transforms.Resize(224)(Image.fromarray(tile.numpy())))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    ours = stack.uni.preprocess(tile.permute(2, 0, 1)[None])[0] * std + mean
+    # PIL rounds its result to uint8: one grey level at most. A bicubic resize of this noise is 45 grey levels off.
+    difference = (ours - reference).abs() * 255
+    assert difference.max() <= 1.01 and difference.mean() < 0.4
 
 
 def test_adapter_is_identity_at_init_and_keeps_fp32_weights():
