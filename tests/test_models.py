@@ -105,6 +105,17 @@ def test_transformer_is_frozen_and_runs_one_denoising_step_and_decode(stack):
     assert images.min() >= -1 and images.max() <= 1
 
 
+@torch.no_grad()
+def test_transformer_accepts_latents_smaller_than_its_sample_size(stack):
+    """What `--resolution 224` relies on (28x28 latents for PixCell-256's 32x32): here 6x6 for the tiny 8x8."""
+    transformer = stack.transformer
+    size = transformer.config.sample_size - 2
+    latents = torch.randn(2, transformer.config.in_channels, size, size)
+    context = torch.randn(2, 1, transformer.config.caption_channels)
+    out = transformer(latents, context, timestep=torch.tensor([1, 500])).sample
+    assert out.shape == (2, transformer.config.out_channels, size, size) and torch.isfinite(out).all()
+
+
 def test_latents_apply_shift_and_scale_both_ways(stack):
     vae = stack.vae
     image = torch.linspace(-1, 1, 3 * 64 * 64).view(1, 3, 64, 64)
