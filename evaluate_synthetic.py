@@ -29,7 +29,7 @@ PRESETS = {"tiny": evaluation.tiny_evaluation}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = presets.make_parser(__doc__)
     presets.add_preset_arguments(parser, PRESETS)
     group = parser.add_argument_group("data")
     group.add_argument("--real_dir", default=None, help="Real tiles, one folder per class.")

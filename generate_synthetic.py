@@ -30,7 +30,7 @@ PRESETS = {"tiny": generation.tiny_generation}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = presets.make_parser(__doc__)
     presets.add_preset_arguments(parser, PRESETS)
     presets.add_model_arguments(parser)
     group = parser.add_argument_group("trained weights and precision")

@@ -45,7 +45,7 @@ PRESETS = {"tiny": presets.tiny_training}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = presets.make_parser(__doc__)
     presets.add_preset_arguments(parser, PRESETS)
     presets.add_model_arguments(parser)
     group = parser.add_argument_group("data")
@@ -277,6 +277,7 @@ def main(args: argparse.Namespace) -> None:
             batch_size=args.train_batch_size,
             num_workers=args.dataloader_num_workers,
         )
+            dtype=dtype,
         dataset = features.CachedFeatureDataset(index, keys, cache)
     else:
         dataset = data.TileDataset(index, resolution)

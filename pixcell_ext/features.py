@@ -2,9 +2,10 @@
 
 The cache stores the VAE posterior's mean and std (the sample is drawn at load time, as the authors' own cache does)
 and the UNI2-h embedding. Each entry is keyed by the SHA-256 of the image's encoded bytes (the file, or the bytes a
-dataset row stores), the identities of the VAE and UNI models and the resolution, so an edited image or a different
-model never reuses a stale feature. Entries live in safetensors shards; every shard is written under a temporary name
-and renamed, so a killed run loses at most the shard in progress and never leaves a half-written one.
+dataset row stores), the identities of the VAE and UNI models, the resolution and the dtype the encoders ran in, so an
+edited image, a different model or another precision never reuses a stale feature. Entries live in safetensors shards;
+every shard is written under a temporary name and renamed, so a killed run loses at most the shard in progress and
+never leaves a half-written one.
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ def model_identity(name_or_path: str) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
-def entry_keys(digests: list[str], vae_identity: str, uni_identity: str, resolution: int) -> list[str]:
-    return [hashlib.sha256(f"{d}|{vae_identity}|{uni_identity}|{resolution}".encode()).hexdigest() for d in digests]
+def entry_keys(
+    digests: list[str], vae_identity: str, uni_identity: str, resolution: int, dtype: torch.dtype
+) -> list[str]:
+    """`dtype` is the one the encoders ran in: bf16 features differ from fp32 ones by more than training noise."""
+    parts = f"{vae_identity}|{uni_identity}|{resolution}|{dtype}"
+    return [hashlib.sha256(f"{d}|{parts}".encode()).hexdigest() for d in digests]
 
 
 class ShardStore:
@@ -123,13 +128,14 @@ def build_feature_cache(
     load_encoders,
     batch_size: int,
     num_workers: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> list[str]:
     """Fill the cache for every image of `index`, the missing entries split across processes; returns the keys.
 
-    `load_encoders()` returns (vae, uni) on the device and is called only when something is missing.
+    `load_encoders()` returns (vae, uni) in `dtype` on the device and is called only when something is missing.
     """
     digests = split_map(accelerator, index.digest, len(index.records), desc="hashing")
-    keys = entry_keys(digests, vae_identity, uni_identity, resolution)
+    keys = entry_keys(digests, vae_identity, uni_identity, resolution, dtype)
     missing = sorted({key: i for i, key in enumerate(keys) if key not in cache.rows}.values())
     if missing:
         vae, uni = load_encoders()

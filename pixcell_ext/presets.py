@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+import copy
 
 from pixcell_ext.tiny import TINY_RESOLUTION, TinyStack, write_tiny_stack
 
@@ -40,6 +41,22 @@ def tiny_training(stack: TinyStack) -> dict:
 
 
 def parse_with_preset(
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default (also for flags without a help text)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+def make_parser(description: str | None) -> argparse.ArgumentParser:
+    """The parser every script uses. No abbreviations: `--max_train_step` must not silently mean `--max_train_steps`
+    (and a later flag with a longer name would change what an old command line means)."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+
+
     parser: argparse.ArgumentParser, argv: list[str] | None, presets: dict[str, Callable[[TinyStack], dict]]
 ) -> argparse.Namespace:
     """Parse `argv`, with the chosen preset's values as defaults. The tiny preset writes its assets on first use."""

@@ -296,8 +296,33 @@ def test_changing_one_image_invalidates_exactly_its_cache_entry(tiny_stack, tmp_
         [r.path for r in scan_image_folder(data).records].index(edited)
     ]
     assert len(cache.rows) == 37 and len(loads) == 2
-    other = features.entry_keys(["same-bytes"], "vae", "another-uni", 64)
-    assert other != features.entry_keys(["same-bytes"], "vae", "uni", 64)
+    key = features.entry_keys(["same-bytes"], "vae", "uni", 64, torch.float32)
+    assert features.entry_keys(["same-bytes"], "vae", "another-uni", 64, torch.float32) != key
+    assert features.entry_keys(["same-bytes"], "vae", "uni", 64, torch.bfloat16) != key  # bf16 features not reused
+
+
+def test_features_encoded_in_bf16_are_not_reused_by_an_fp32_run(tiny_stack, tmp_path):
+    accelerator = Accelerator(cpu=True)
+    index = scan_image_folder(tiny_stack.data)
+    loaded = []
+
+    def build(dtype):
+        def load_encoders():
+            from pixcell_ext.models import load_uni, load_vae
+
+            loaded.append(dtype)
+            return load_vae(str(tiny_stack.vae), dtype=dtype), load_uni(str(tiny_stack.uni), dtype=dtype)
+
+        return features.build_feature_cache(
+            accelerator, index, features.FeatureCache(tmp_path / "cache"), vae_identity="vae", uni_identity="uni",
+            resolution=64, load_encoders=load_encoders, batch_size=12, dtype=dtype,
+        )  # fmt: skip
+
+    bf16 = build(torch.bfloat16)
+    fp32 = build(torch.float32)
+    assert loaded == [torch.bfloat16, torch.float32]  # the fp32 run encoded its own features
+    assert not set(bf16) & set(fp32)
+    assert build(torch.bfloat16) == bf16 and len(loaded) == 2  # and each precision finds its own again
 
 
 def test_killed_run_resumes_from_the_last_complete_checkpoint(tiny_stack, tmp_path, reference_run):
