@@ -276,8 +276,8 @@ def main(args: argparse.Namespace) -> None:
             ),
             batch_size=args.train_batch_size,
             num_workers=args.dataloader_num_workers,
-        )
             dtype=dtype,
+        )
         dataset = features.CachedFeatureDataset(index, keys, cache)
     else:
         dataset = data.TileDataset(index, resolution)

@@ -6,8 +6,8 @@ A preset only changes defaults: a flag given on the command line always wins.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 import copy
+from collections.abc import Callable
 
 from pixcell_ext.tiny import TINY_RESOLUTION, TinyStack, write_tiny_stack
 
@@ -40,7 +40,6 @@ def tiny_training(stack: TinyStack) -> dict:
     }
 
 
-def parse_with_preset(
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and every flag's default (also for flags without a help text)."""
 
@@ -57,6 +56,7 @@ def make_parser(description: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
 
 
+def parse_with_preset(
     parser: argparse.ArgumentParser, argv: list[str] | None, presets: dict[str, Callable[[TinyStack], dict]]
 ) -> argparse.Namespace:
     """Parse `argv`, with the chosen preset's values as defaults. The tiny preset writes its assets on first use."""
