@@ -1,9 +1,8 @@
-"""Small, idempotent fixes for library versions that PixCell's released code trips over.
+"""A small, idempotent fix for library versions that PixCell's released code trips over.
 
 The released PixCell remote code imports `transformers.modeling_layers.GradientCheckpointingLayer`, which older
-transformers releases lack; notebooks patched that by hand. Diffusers also routes LoRA handling through peft when
-peft is installed; this project brings its own LoRA layers and can switch that routing off so that no LoRA state is
-ever loaded twice or by the wrong code path.
+transformers releases lack; notebooks patched that by hand. `models.load_remote_pipeline` installs the stand-in
+before it loads that code. Our own scripts never need it: they use the native class in `models`.
 """
 
 from __future__ import annotations
@@ -45,17 +44,3 @@ def ensure_gradient_checkpointing_layer() -> type:
         module.GradientCheckpointingLayer = _GradientCheckpointingLayerShim
     return module.GradientCheckpointingLayer
 
-
-def disable_diffusers_peft_backend() -> int:
-    """Set diffusers' `USE_PEFT_BACKEND` to False in every loaded diffusers module; returns how many were changed.
-
-    Diffusers copies the flag into each module at import time, so every copy has to be switched. Modules imported
-    later read the constant from `diffusers.utils.constants`, which is switched too.
-    """
-    importlib.import_module("diffusers.utils.constants")
-    changed = 0
-    for name, module in list(sys.modules.items()):
-        if name.startswith("diffusers") and getattr(module, "USE_PEFT_BACKEND", None) is True:
-            module.USE_PEFT_BACKEND = False
-            changed += 1
-    return changed

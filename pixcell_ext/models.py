@@ -392,13 +392,20 @@ def check_stack_compatible(
 
 
 def load_remote_pipeline(pretrained_model_name_or_path: str, vae: AutoencoderKL, *, trust_remote_code: bool = False):
-    """The authors' hub pipeline (remote code). Only for comparison with the reference; never used by our scripts."""
+    """The authors' hub pipeline (remote code). Only for comparison with the reference; never used by our scripts.
+
+    Its code imports `transformers.modeling_layers`, absent from older transformers; a stand-in is installed first.
+    """
     if not trust_remote_code:
         raise ValueError(
             "The PixCell hub pipeline runs code downloaded from the hub; pass trust_remote_code=True to opt in. "
             "Everything in this project works without it."
         )
     from diffusers import DiffusionPipeline
+
+    from pixcell_ext.compat import ensure_gradient_checkpointing_layer
+
+    ensure_gradient_checkpointing_layer()
 
     return DiffusionPipeline.from_pretrained(
         pretrained_model_name_or_path, vae=vae, custom_pipeline="StonyBrook-CVLab/PixCell-pipeline",
