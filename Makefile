@@ -1,0 +1,42 @@
+# Two commands for a first run (README.md, "Start here"):
+#   make demo   train on the embedded preset (PRESET, default tiny: random tiny models, made on first use)
+#   make test   run the test suite
+# Each first sets up .venv if it is missing. That happens once (about 4 minutes and 6 GB, mostly torch): a stamp file
+# records it, and only a change to a requirements file repeats it. Underneath it is plain venv, pip and
+# `accelerate launch`; the README's long form gives the same commands by hand.
+#
+#   make demo PRESET=tiny        the preset to train (switch the default here once another preset is the main job)
+#   make setup TORCH="torch==X torchvision==Y"   another torch pair, e.g. for your CUDA; `rm .venv/.setup-done` first
+#   make demo PYTHON=python3.12  the Python that creates .venv (3.10 or newer)
+
+PYTHON ?= python3
+PRESET ?= tiny
+VENV ?= .venv
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+# Explicit values for everything `accelerate launch` would otherwise guess (and warn about): one process, no mixed
+# precision, no compilation; on the GPU when there is one.
+LAUNCH = $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+# Resubmitting a finished run stops at once with "complete"; an interrupted one resumes.
+DEMO_FLAGS ?= --resume_from_checkpoint latest
+STAMP = $(VENV)/.setup-done
+# CI=true (no terminal, logs kept): no progress bars and no questions from pip.
+PIP_INSTALL = $(strip $(VENV)/bin/python -m pip install $(if $(filter true,$(CI)),--no-input --progress-bar off))
+
+.PHONY: demo test setup
+
+demo: $(STAMP)
+	$(LAUNCH) train_adapter_lora.py --preset $(PRESET) $(DEMO_FLAGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+setup: $(STAMP)
+
+# torch and torchvision first: left to the requirements, pip would choose a torch of its own.
+$(STAMP): requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+		{ echo "Python 3.10 or newer is needed: make $(MAKECMDGOALS) PYTHON=/path/to/python3.x" >&2; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) $(TORCH)
+	$(PIP_INSTALL) -r requirements-dev.txt
+	touch $@
