@@ -71,7 +71,11 @@ if [[ "${1:-}" == install ]]; then  # the install step re-enters here, so that `
     # torch is kept when it imports (a GPU image's CUDA build must not be replaced by PyPI's default build);
     # every other requirement is installed only if missing or too old, as pip decides.
     "$PYTHON" -c "import torch" 2>/dev/null || "${PIP[@]}" torch torchvision || exit 1
-    "${PIP[@]}" -r requirements.txt peft || exit 1
+    # If pip cannot satisfy them all (an offline wheel folder without, say, lpips), one at a time, so that the rest
+    # (diffusers above all) still gets installed.
+    "${PIP[@]}" -r requirements.txt || grep -Ev '^\s*(#|$)' requirements.txt | while read -r requirement; do
+        "${PIP[@]}" "$requirement" || echo "could not install $requirement"
+    done
     "$PYTHON" -c "import deepspeed" 2>/dev/null || "${PIP[@]}" deepspeed || echo "no deepspeed: the ZeRO-2 step will fail"
     "$PYTHON" -c "import torch, diffusers, accelerate; print(torch.__version__, torch.cuda.is_available(), diffusers.__version__, accelerate.__version__)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
