@@ -76,7 +76,9 @@ if [[ "${1:-}" == install ]]; then  # the install step re-enters here, so that `
     "${PIP[@]}" -r requirements.txt || grep -Ev '^\s*(#|$)' requirements.txt | while read -r requirement; do
         "${PIP[@]}" "$requirement" || echo "could not install $requirement"
     done
-    "$PYTHON" -c "import deepspeed" 2>/dev/null || "${PIP[@]}" deepspeed || echo "no deepspeed: the ZeRO-2 step will fail"
+    # DeepSpeed is published as a source archive that builds against the installed torch: no build isolation.
+    "$PYTHON" -c "import deepspeed" 2>/dev/null || "${PIP[@]}" --no-build-isolation deepspeed ||
+        echo "no deepspeed: the ZeRO-2 step will fail"
     "$PYTHON" -c "import torch, diffusers, accelerate; print(torch.__version__, torch.cuda.is_available(), diffusers.__version__, accelerate.__version__)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     exit 0
