@@ -1,6 +1,7 @@
 """Adapt PixCell-256 to a class-folder histology dataset: a UNI2-h -> PixCell adapter plus LoRA in the transformer.
 
     accelerate launch train_adapter_lora.py --train_data_dir NCT-CRC-HE-100K --output_dir runs/nct
+    python train_adapter_lora.py --preset mini          # offline: adapt the trained mini stack to a toy domain
     python train_adapter_lora.py --preset tiny          # offline, random tiny models, a minute on a CPU
 """
 
@@ -19,7 +20,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pixcell_ext import artifacts, checkpointing, data, diffusion, features, models, presets, validation
+from pixcell_ext import artifacts, checkpointing, data, diffusion, features, mini, models, presets, validation
 from pixcell_ext.adapter import AdapterConfig, UNIAdapter
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.lora import (
@@ -41,7 +42,7 @@ from pixcell_ext.runtime import (
 )
 
 logger = get_logger(__name__)
-PRESETS = {"tiny": presets.tiny_training}
+PRESETS = {"mini": mini.mini_training, "tiny": presets.tiny_training}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -114,20 +114,19 @@ def read_rgb(source: str | os.PathLike | io.BytesIO) -> Image.Image:
 
 
 def split_map(accelerator: Accelerator | None, fn: Callable[[int], Any], count: int, *, desc: str) -> list:
-    """`[fn(0), ..., fn(count - 1)]` on every process, each process computing its share (on a few threads: the work
-    is file reading and decoding). Without an accelerator, one process does it all."""
+    """`[fn(0), ..., fn(count - 1)]` on every process, each process computing a contiguous share (on a few threads:
+    the work is file reading and decoding). Without an accelerator, one process does it all."""
     from accelerate.utils import gather_object
 
-    distributed = accelerator is not None and accelerator.num_processes > 1
-    mine = list(range(count))
-    if distributed:
-        mine = mine[accelerator.process_index :: accelerator.num_processes]
-    quiet = accelerator is not None and not accelerator.is_main_process
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        values = list(tqdm(pool.map(fn, mine), total=len(mine), desc=desc, disable=quiet or count < 1000))
-    pairs = list(zip(mine, values, strict=True))
-    results = dict(gather_object(pairs) if distributed else pairs)
-    return [results[i] for i in range(count)]
+    def compute(ids: list[int], quiet: bool) -> list:
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            return list(tqdm(pool.map(fn, ids), total=len(ids), desc=desc, disable=quiet or count < 1000))
+
+    if accelerator is None or accelerator.num_processes == 1:
+        return compute(list(range(count)), quiet=False)
+    with accelerator.split_between_processes(list(range(count))) as mine:
+        values = compute(mine, quiet=not accelerator.is_main_process)
+    return gather_object(values)  # the shares in process order: the whole list, in order
 
 
 def _problem(index: ImageFolderIndex, i: int) -> str | None:

@@ -43,7 +43,7 @@ class PretrainingConfig:
 
     num_layers: int = 6
     num_attention_heads: int = 4
-    attention_head_dim: int = 40
+    attention_head_dim: int = 32
     patch_size: int = 2
     # PixCell-256 steps its sin-cos positions by one per patch; at an 4x4 patch grid a scale of 1 keeps that step.
     interpolation_scale: float = 1.0

@@ -1,4 +1,5 @@
-"""Named sets of defaults for the scripts. `--preset tiny` runs the whole pipeline offline on random tiny models.
+"""Named sets of defaults for the scripts. `--preset mini` runs the whole pipeline offline on the trained mini stack,
+`--preset tiny` on random tiny models.
 
 A preset only changes defaults: a flag given on the command line always wins.
 """
@@ -59,9 +60,14 @@ def make_parser(description: str | None) -> argparse.ArgumentParser:
 def parse_with_preset(
     parser: argparse.ArgumentParser, argv: list[str] | None, presets: dict[str, Callable[[TinyStack], dict]]
 ) -> argparse.Namespace:
-    """Parse `argv`, with the chosen preset's values as defaults. The tiny preset writes its assets on first use."""
+    """Parse `argv`, with the chosen preset's values as defaults. The tiny preset writes its assets on first use,
+    the mini preset its toy tile folders (its models are committed)."""
     known, _ = parser.parse_known_args(argv)
-    if known.preset is not None:
+    if known.preset == "mini":
+        from pixcell_ext.mini import write_mini_stack
+
+        parser.set_defaults(**presets[known.preset](write_mini_stack(known.mini_dir)))
+    elif known.preset is not None:
         stack = write_tiny_stack(known.tiny_dir)
         parser.set_defaults(**presets[known.preset](stack))
     return parser.parse_args(argv)
@@ -83,7 +89,9 @@ def add_preset_arguments(parser: argparse.ArgumentParser, presets: dict) -> None
         "--preset",
         choices=sorted(presets),
         default=None,
-        help="Defaults for a known set-up. 'tiny': random tiny models and a tiny tile folder, written to --tiny_dir "
-        "if absent; runs on a CPU in about a minute.",
+        help="Defaults for a known set-up. 'mini': the committed mini stack, trained on a synthetic toy domain, "
+        "adapted to the toy TARGET domain (tiles written to --mini_dir); minutes on a CPU. 'tiny': random tiny "
+        "models and a tiny tile folder, written to --tiny_dir if absent; runs on a CPU in about a minute.",
     )
     parser.add_argument("--tiny_dir", default=TINY_DIR, help="Where the tiny preset keeps its models and data.")
+    parser.add_argument("--mini_dir", default="mini_assets", help="Where the mini preset writes its toy tiles.")

@@ -1,0 +1,254 @@
+"""Does adaptation work, and which parts of it matter? Measured on the trained mini stack and the toy TARGET domain.
+
+At one fixed training budget (in-process, cached features, the package's loss, randomness, LoRA and sampler):
+- base mini PixCell vs adapter only vs LoRA only vs adapter + LoRA: FD/KID in the judge's and in the encoder's
+  feature space, precision/recall, against held-out TARGET tiles;
+- class fidelity (the judge's accuracy on generated tiles): reference-conditioned; class-only with class
+  conditioning; class-only without it (the unconditional fallback);
+- the class loss on vs off;
+- LoRA placement at an equal trainable-parameter count: early / middle / late blocks (self-attention), and
+  self- vs cross-attention targets (all blocks, cross-attention at twice the rank);
+- guidance scale 1, 2, 3, 5;
+- TSTR vs TRTR (balanced accuracy of a linear probe in the encoder's space) at matched training-set sizes.
+
+    python benchmarks/bench_adaptation.py --json outputs/bench-adaptation.json
+    python benchmarks/bench_adaptation.py --sections core --steps 150    # the four adaptation variants only
+
+The toy domains are synthetic; these numbers say that the method and the code learn, not how PixCell-256 behaves
+on real tissue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pixcell_ext import mini, mini_stack, models  # noqa: E402
+from pixcell_ext import mini_eval as me  # noqa: E402
+from pixcell_ext.probe import tstr_trtr  # noqa: E402
+
+SECTIONS = ("core", "class", "placement", "guidance", "tstr")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None, help="Write every number here.")
+    parser.add_argument("--mini_dir", default=mini.MINI_DIR, help="Where the toy tiles are written (once).")
+    parser.add_argument("--assets", default=str(mini.MINI_ASSETS), help="The mini models (default: committed).")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--steps", type=int, default=300, help="Training updates of every variant (fixed budget).")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--images_per_class", type=int, default=20)
+    parser.add_argument("--num_inference_steps", type=int, default=20)
+    parser.add_argument("--guidance_scale", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples_dir", default="outputs/bench-adaptation", help="Contact sheets of the samples.")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.stack = mini.write_mini_stack(args.mini_dir, Path(args.assets))
+        self.scheduler_config = models.load_scheduler_config(str(self.stack.pixcell))
+        self.vae = models.load_vae(str(self.stack.vae))
+        self.uni = models.load_uni(str(self.stack.uni))
+        self.judge = me.load_mini_judge(self.stack.judge)
+        resolution = mini_stack.MINI_RESOLUTION
+        self.train = me.encode_tiles(self.stack.target_train, self.vae, self.uni, resolution)
+        self.heldout = me.encode_tiles(self.stack.target_heldout, self.vae, self.uni, resolution)
+        self.test = me.encode_tiles(self.stack.target_test, self.vae, self.uni, resolution)
+        self.real_judge = self.judge(self.heldout.pixels)[1]
+        self.real_encoder = self.heldout.embedding.flatten(1)
+        self.request = me.reference_request(self.train, args.images_per_class, args.seed)
+        self.budget = me.Budget(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate)
+        self.trained: dict[str, me.Adapted] = {}
+        self.train_seconds: dict[str, float] = {}
+
+    def model(self, variant: me.Variant) -> me.Adapted:
+        if variant.name not in self.trained:
+            started = time.perf_counter()
+            self.trained[variant.name] = me.adapt(
+                self.stack.pixcell, self.scheduler_config, self.vae.config, self.train, variant, self.budget
+            )
+            self.train_seconds[variant.name] = time.perf_counter() - started
+        return self.trained[variant.name]
+
+    def sample(self, model, request: me.Request | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+        return me.generate(
+            model,
+            self.scheduler_config,
+            self.vae,
+            request or self.request,
+            self.train,
+            guidance_scale=self.args.guidance_scale if guidance_scale is None else guidance_scale,
+            num_inference_steps=self.args.num_inference_steps,
+            seed=self.args.seed,
+        )
+
+    def scores(self, name: str, images: torch.Tensor, class_ids: torch.Tensor) -> dict[str, float]:
+        """FD/KID/precision/recall in judge and encoder space, and class fidelity; saves a contact sheet."""
+        me.save_grid(images, Path(self.args.samples_dir) / f"{name}.png", self.args.images_per_class)
+        _, judge_features = self.judge(images)
+        encoder_features = self.uni(images).flatten(1).float()
+        return {
+            **me.distribution_scores(self.real_judge, judge_features, "judge", self.args.seed),
+            **me.distribution_scores(self.real_encoder, encoder_features, "encoder", self.args.seed),
+            "class_fidelity": me.class_fidelity(self.judge, images, class_ids, self.train.class_names),
+        }
+
+
+BOTH = me.Variant("adapter+LoRA")
+ADAPTER = me.Variant("adapter only", lora=False)
+LORA = me.Variant("LoRA only", adapter=False)
+
+
+def core(study: Study, results: dict) -> None:
+    rows = {"base": study.scores("base", study.sample(me.base_model(study.stack.pixcell)), study.request.class_ids)}
+    for variant in (ADAPTER, LORA, BOTH):
+        adapted = study.model(variant)
+        rows[variant.name] = study.scores(variant.name, study.sample(adapted.model), study.request.class_ids)
+        rows[variant.name]["trainable"] = adapted.trainable_adapter + adapted.trainable_lora
+        rows[variant.name]["train_seconds"] = study.train_seconds[variant.name]
+    results["variants"] = rows
+    results["fd_judge_base"] = rows["base"]["fd_judge"]
+    results["fd_judge_adapted"] = rows[BOTH.name]["fd_judge"]
+    results["class_fidelity_reference"] = rows[BOTH.name]["class_fidelity"]
+
+
+def class_aware(study: Study, results: dict) -> None:
+    class_only = me.Request(study.request.class_ids, None)
+    conditioned = study.model(me.Variant("class conditioning", class_conditioning=True))
+    plain = study.model(BOTH)
+    with_loss = study.model(me.Variant("class loss 0.1", class_loss_weight=0.1))
+    rows = {
+        "class-only, --class_conditioning": study.scores("class-only", study.sample(conditioned.model, class_only),
+                                                         class_only.class_ids),
+        "class-only, without (unconditional)": study.scores("unconditional", study.sample(plain.model, class_only),
+                                                            class_only.class_ids),
+        "reference, --class_conditioning": study.scores("reference-class", study.sample(conditioned.model),
+                                                        study.request.class_ids),
+        "reference, --class_loss_weight 0.1": study.scores("class-loss", study.sample(with_loss.model),
+                                                           study.request.class_ids),
+    }  # fmt: skip
+    results["class_aware"] = rows
+    results["class_fidelity_class_only"] = rows["class-only, --class_conditioning"]["class_fidelity"]
+    results["class_fidelity_class_only_without_class_conditioning"] = rows["class-only, without (unconditional)"][
+        "class_fidelity"
+    ]
+
+
+def placement(study: Study, results: dict) -> None:
+    """LoRA alone (adapter frozen at identity), so the placement is the only thing that differs."""
+    layers = study.model(LORA).model.transformer.config.num_layers
+    third = max(1, layers // 3)
+    rank = 8
+    variants = [
+        replace(LORA, name="LoRA early blocks (self-attn)", lora_targets=me.SELF_ATTENTION,
+                lora_blocks=tuple(range(third)), lora_rank=rank * 3),
+        replace(LORA, name="LoRA middle blocks (self-attn)", lora_targets=me.SELF_ATTENTION,
+                lora_blocks=tuple(range(third, 2 * third)), lora_rank=rank * 3),
+        replace(LORA, name="LoRA late blocks (self-attn)", lora_targets=me.SELF_ATTENTION,
+                lora_blocks=tuple(range(layers - third, layers)), lora_rank=rank * 3),
+        replace(LORA, name="LoRA all blocks, self-attn", lora_targets=me.SELF_ATTENTION, lora_rank=rank),
+        replace(LORA, name="LoRA all blocks, cross-attn", lora_targets=me.CROSS_ATTENTION, lora_rank=rank * 2),
+    ]  # fmt: skip
+    rows = {}
+    for variant in variants:
+        adapted = study.model(variant)
+        rows[variant.name] = study.scores(variant.name, study.sample(adapted.model), study.request.class_ids)
+        rows[variant.name]["trainable"] = adapted.trainable_lora
+        rows[variant.name]["final_loss"] = adapted.final_loss
+    results["placement"] = rows
+
+
+def guidance(study: Study, results: dict) -> None:
+    adapted = study.model(BOTH)
+    results["guidance"] = {
+        str(g): study.scores(f"guidance-{g}", study.sample(adapted.model, guidance_scale=g), study.request.class_ids)
+        for g in (1.0, 2.0, 3.0, 5.0)
+    }
+
+
+def tstr(study: Study, results: dict) -> None:
+    """Probe on synthetic tiles vs on as many real TARGET tiles per class; both tested on an independent set."""
+    adapted = study.model(BOTH)
+    images = study.sample(adapted.model)
+    synthetic = (study.uni(images).flatten(1).float(), study.request.class_ids)
+    real = (study.train.embedding[study.request.references].flatten(1), study.request.class_ids)
+    test = (study.test.embedding.flatten(1), study.test.labels)
+    probes = tstr_trtr(real, test, synthetic, seed=study.args.seed)
+    tstr_value, trtr_value = probes["TSTR"]["balanced_accuracy"], probes["TRTR"]["balanced_accuracy"]
+    results["tstr"] = {"TSTR": tstr_value, "TRTR": trtr_value, "per_class_train": study.args.images_per_class}
+    results["tstr_over_trtr"] = tstr_value / trtr_value
+
+
+COLUMNS = {"fd_judge": "FD judge", "kid_judge_x1000": "KIDx1e3", "precision_judge": "precision",
+           "recall_judge": "recall", "fd_encoder": "FD encoder", "kid_encoder_x1000": "KIDx1e3 enc",
+           "class_fidelity": "fidelity"}  # fmt: skip
+
+
+def print_table(title: str, rows: dict[str, dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'':38s}" + "".join(f"{title:>12s}" for title in COLUMNS.values()) + f"{'trainable':>11s}")
+    for name, row in rows.items():
+        cells = "".join(f"{row[c]:12.3f}" for c in COLUMNS)
+        trainable = f"{row['trainable']:>11,d}" if "trainable" in row else ""
+        print(f"{name:38s}{cells}{trainable}")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    study = Study(args)
+    results: dict = {}
+    for section in SECTIONS:
+        if section in args.sections:
+            {"core": core, "class": class_aware, "placement": placement, "guidance": guidance, "tstr": tstr}[
+                section
+            ](study, results)
+    results["settings"] = {
+        **{k: v for k, v in vars(args).items() if k != "json"},
+        "machine": f"{platform.machine()} {platform.processor()}".strip() + f", {torch.get_num_threads()} threads",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "train_seconds": study.train_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "chance": 1 / len(study.train.class_names),
+    }
+    print(f"\nmini stack, toy TARGET domain: {args.steps} updates of batch {args.batch_size} per variant, "
+          f"{args.images_per_class} images per class, {args.num_inference_steps} DPM-Solver steps, "
+          f"guidance {args.guidance_scale}; FD against {len(study.heldout.labels)} held-out TARGET tiles")  # fmt: skip
+    for key, title in (("variants", "adaptation"), ("class_aware", "class-aware"), ("placement", "LoRA placement"),
+                       ("guidance", "guidance scale (adapter+LoRA)")):  # fmt: skip
+        if key in results:
+            print_table(title, results[key])
+    if "tstr" in results:
+        t = results["tstr"]
+        print(f"\nTSTR {t['TSTR']:.3f}  TRTR {t['TRTR']:.3f}  ratio {results['tstr_over_trtr']:.3f} "
+              f"({t['per_class_train']} tiles per class each)")  # fmt: skip
+    for key in ("fd_judge_base", "fd_judge_adapted", "class_fidelity_reference", "class_fidelity_class_only",
+                "class_fidelity_class_only_without_class_conditioning", "tstr_over_trtr"):  # fmt: skip
+        if key in results:
+            print(f"{key:55s} {results[key]:.4f}")
+    print(f"total {results['settings']['total_seconds']:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

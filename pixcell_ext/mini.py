@@ -1,0 +1,126 @@
+"""The trained mini stack as users run it: committed models plus toy TARGET tiles written on first use.
+
+The models (mini PixCell pretrained on SOURCE, the mini SD3.5-style VAE, the mini UNI2-h and an independent judge
+trained on TARGET) are committed under `pixcell_ext/assets/mini` (built by `python -m pixcell_ext.mini_stack`).
+The tiles are procedural (`toy_histology`), so they are written, not shipped: TARGET train tiles for adaptation,
+two TARGET held-out sets for evaluation (FD reference, probe test set) and SOURCE held-out tiles for checking the
+base model. They are a synthetic toy domain, not histology.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MINI_ASSETS = Path(__file__).resolve().parent / "assets" / "mini"  # as pixcell_ext.mini_stack writes it
+MINI_DIR = "mini_assets"
+TRAIN_TILES_PER_CLASS = 40
+HELDOUT_TILES_PER_CLASS = 40
+
+
+@dataclass(frozen=True)
+class MiniStack:
+    pixcell: Path
+    vae: Path
+    uni: Path
+    judge: Path
+    target_train: Path
+    target_heldout: Path
+    target_test: Path  # a second held-out TARGET set: the probes' test set, independent of the FD reference
+    source_heldout: Path
+
+
+def mini_stack(data_root: str | os.PathLike = MINI_DIR, assets: Path = MINI_ASSETS) -> MiniStack:
+    """Paths of the committed models and of the tile folders under `data_root` (which may not exist yet)."""
+    from pixcell_ext.mini_stack import PART_FOLDERS
+
+    root = Path(data_root)
+    return MiniStack(
+        pixcell=assets / PART_FOLDERS["transformer"],
+        vae=assets / PART_FOLDERS["vae"],
+        uni=assets / PART_FOLDERS["uni"],
+        judge=assets / PART_FOLDERS["judge"],
+        target_train=root / "target-train",
+        target_heldout=root / "target-heldout",
+        target_test=root / "target-test",
+        source_heldout=root / "source-heldout",
+    )
+
+
+def write_mini_stack(data_root: str | os.PathLike = MINI_DIR, assets: Path = MINI_ASSETS) -> MiniStack:
+    """The mini stack with its tile folders written (once); refuses a checkout without the committed models."""
+    from pixcell_ext.toy_histology import write_toy_dataset
+
+    stack = mini_stack(data_root, assets)
+    missing = [str(p) for p in (stack.pixcell, stack.vae, stack.uni, stack.judge) if not p.is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"The mini stack is incomplete: {', '.join(missing)} missing. These folders are committed with the "
+            "project; restore them from git, or rebuild with `python -m pixcell_ext.mini_stack --output_dir "
+            "pixcell_ext/assets/mini`."
+        )
+    write_toy_dataset(stack.target_train, "target", "train", TRAIN_TILES_PER_CLASS)
+    write_toy_dataset(stack.target_heldout, "target", "heldout", HELDOUT_TILES_PER_CLASS)
+    write_toy_dataset(stack.target_test, "target", "heldout", HELDOUT_TILES_PER_CLASS, seed=1)
+    write_toy_dataset(stack.source_heldout, "source", "heldout", HELDOUT_TILES_PER_CLASS)
+    return stack
+
+
+def mini_models(stack: MiniStack) -> dict:
+    return {
+        "pretrained_model_name_or_path": str(stack.pixcell),
+        "vae_name_or_path": str(stack.vae),
+        "uni_model_name_or_path": str(stack.uni),
+    }
+
+
+def mini_training(stack: MiniStack) -> dict:
+    """`train_adapter_lora.py --preset mini`: adapt the SOURCE-pretrained mini PixCell to TARGET in minutes."""
+    from pixcell_ext.mini_stack import MINI_RESOLUTION
+
+    return {
+        **mini_models(stack),
+        "train_data_dir": str(stack.target_train),
+        "output_dir": "outputs/mini-run",
+        "feature_cache": str(Path(stack.target_train).parent / "feature-cache"),
+        "resolution": MINI_RESOLUTION,
+        "train_batch_size": 32,
+        "max_train_steps": 400,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 20,
+        "checkpointing_steps": 200,
+        "validation_steps": 200,
+        "num_validation_inference_steps": 20,
+        "adapter_hidden_dim": 256,
+        "lora_rank": 8,
+        "dataloader_num_workers": 0,
+    }
+
+
+def mini_generation(stack: MiniStack) -> dict:
+    """`generate_synthetic.py --preset mini`: a class-organised TARGET set from the mini run."""
+    return {
+        **mini_models(stack),
+        "lora_dir": "outputs/mini-run",
+        "reference_data_dir": str(stack.target_train),
+        "output_dir": "outputs/mini-synthetic",
+        "num_images_per_class": 20,
+        "num_inference_steps": 20,
+        "guidance_scale": 2.0,
+        "batch_size": 30,
+    }
+
+
+def mini_evaluation(stack: MiniStack) -> dict:
+    """`evaluate_synthetic.py --preset mini`: the generated set against held-out TARGET tiles."""
+    return {
+        "real_dir": str(stack.target_heldout),
+        "real_test_dir": str(stack.target_test),
+        "synthetic_dir": "outputs/mini-synthetic",
+        "output_dir": "outputs/mini-evaluation",
+        "uni_model_name_or_path": str(stack.uni),
+        "batch_size": 60,
+        "dataloader_num_workers": 0,
+        "kid_subsets": 20,
+    }
