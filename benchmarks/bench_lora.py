@@ -2,6 +2,10 @@
 
     python benchmarks/bench_lora.py [--device cpu|cuda] [--dtype float32|bfloat16] [--batch_tokens N] [--repeats N]
     python benchmarks/bench_lora.py --merge_precision   # how much of a LoRA update a merge into bf16 weights keeps
+    python benchmarks/bench_lora.py --device cuda --dtype bfloat16 --autocast   # training as under bf16 autocast
+
+With --autocast the training table also times `input_cast`, the forward before the input stopped being copied to
+fp32 under autocast. In bf16 the inference table times the unmerged layer (a merge is refused there; see lora.py).
 
 Each round times every width and variant once, in a rotating order, so that changes in machine load hit all
 variants alike. Times are medians over rounds; ratios are medians of the per-round ratios (paired, which cancels
@@ -47,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 15 on cpu, 100 on cuda)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--autocast", action="store_true", help="run the layers under bf16 autocast")
     p.add_argument("--merge_precision", action="store_true", help="measure merge rounding in bf16 instead of speed")
     return p.parse_args()
 
@@ -68,6 +73,14 @@ def merge_precision() -> None:
             print(f"  {weight_std:>10g} {rms:>8g} {unchanged:>17.1%} {error:>24.3f}")
 
 
+class InputCastLoRALinear(LoRALinear):
+    """The earlier forward, for the side-by-side timing: the input copied to fp32 even when autocast casts it back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return self.base_layer(x).add_(lora, alpha=self.scaling)
+
+
 def build(n_in: int, n_out: int, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
     base = nn.Linear(n_in, n_out, device=device, dtype=dtype).requires_grad_(False)
     ours = LoRALinear(copy.deepcopy(base), RANK, float(RANK))
@@ -77,18 +90,23 @@ def build(n_in: int, n_out: int, device: str, dtype: torch.dtype) -> dict[str, n
     # Do the same, so that both LoRA variants do the same math.
     for p in [*peft.lora_A.parameters(), *peft.lora_B.parameters()]:
         p.data = p.data.float()
+    input_cast = InputCastLoRALinear(copy.deepcopy(base), RANK, float(RANK))
     merged = LoRALinear(copy.deepcopy(base), RANK, float(RANK))
     nn.init.normal_(merged.lora_B.weight, std=0.01)
-    merged.merge()
-    return {"linear": base, "ours": ours, "peft": peft, "merged": merged}
+    if dtype == torch.float32:
+        merged.merge()
+    inference = "merged" if dtype == torch.float32 else "unmerged"
+    return {"linear": base, "ours": ours, "input_cast": input_cast, "peft": peft, inference: merged}
 
 
-def train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+def train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, autocast: bool) -> Callable[[], None]:
     def step() -> None:
         x.grad = None
         for p in layer.parameters():
             p.grad = None
-        layer(x).backward(grad)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+        out.backward(grad.to(out.dtype))
 
     return step
 
@@ -130,14 +148,14 @@ def paired_ratio(num: list[float], den: list[float]) -> tuple[float, float, floa
 
 def print_table(title: str, times: Times, variants: tuple[str, ...], num: str, den: str) -> tuple[float, float, float]:
     print(f"\n{title}, median ms")
-    print(f"  {'width':<12}" + "".join(f"{v:>10}" for v in variants) + f"{num + '/' + den:>14}{'IQR':>16}")
+    print(f"  {'width':<12}" + "".join(f"{v:>11}" for v in variants) + f"{num + '/' + den:>18}{'IQR':>16}")
     rows = list(times.items())
     n_rounds = len(rows[0][1][num])
     rows.append(("sum", {v: [sum(t[v][i] for _, t in rows) for i in range(n_rounds)] for v in variants}))
     for width, t in rows:
         med, q1, q3 = paired_ratio(t[num], t[den])
-        cells = "".join(f"{statistics.median(t[v]):>10.2f}" for v in variants)
-        print(f"  {width:<12}{cells}{med:>14.3f}{f'{q1:.3f}-{q3:.3f}':>16}")
+        cells = "".join(f"{statistics.median(t[v]):>11.2f}" for v in variants)
+        print(f"  {width:<12}{cells}{med:>18.3f}{f'{q1:.3f}-{q3:.3f}':>16}")
     return med, q1, q3
 
 
@@ -147,30 +165,37 @@ def main(args: argparse.Namespace) -> None:
     repeats = args.repeats or (100 if device == "cuda" else 15)
     torch.manual_seed(0)
     print(
-        f"LoRA benchmark: device={device} dtype={args.dtype} tokens={tokens} rank={RANK} repeats={repeats} "
+        f"LoRA benchmark: device={device} dtype={args.dtype} autocast={args.autocast} tokens={tokens} rank={RANK} "
+        f"repeats={repeats} "
         f"warmup={args.warmup} threads={torch.get_num_threads()}"
     )
 
     train, infer = {}, {}
+    train_variants = ("linear", "ours", "input_cast", "peft") if args.autocast else ("linear", "ours", "peft")
+    infer_variants = ("linear", "merged" if dtype == torch.float32 else "unmerged")
     for n_in, n_out in WIDTHS:
         layers = build(n_in, n_out, device, dtype)
         x = torch.randn(tokens, n_in, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(tokens, n_out, device=device, dtype=dtype)
-        train[f"{n_in}->{n_out}"] = {v: train_step(layers[v], x, grad) for v in ("linear", "ours", "peft")}
-        infer[f"{n_in}->{n_out}"] = {v: infer_step(layers[v], x.detach()) for v in ("linear", "merged")}
+        train[f"{n_in}->{n_out}"] = {v: train_step(layers[v], x, grad, args.autocast) for v in train_variants}
+        infer[f"{n_in}->{n_out}"] = {v: infer_step(layers[v], x.detach()) for v in infer_variants}
 
     train_times = time_rounds(train, repeats, args.warmup, device)
     infer_times = time_rounds(infer, repeats, args.warmup, device)
     ours = print_table(
-        "forward+backward (frozen base, input requires grad)", train_times, ("linear", "ours", "peft"), "ours", "peft"
+        "forward+backward (frozen base, input requires grad)", train_times, train_variants, "ours", "peft"
     )
-    merged = print_table("merged inference (forward only)", infer_times, ("linear", "merged"), "merged", "linear")
+    if args.autocast:
+        title = "forward+backward, ours vs the earlier input cast"
+        print_table(title, train_times, train_variants, "ours", "input_cast")
+    inference = infer_variants[1]
+    merged = print_table(f"{inference} inference (forward only)", infer_times, infer_variants, inference, "linear")
 
     print()
-    for name, (med, q1, q3), target in (
-        ("ours/peft", ours, TARGET_OURS_VS_PEFT),
-        ("merged/base", merged, TARGET_MERGED_VS_BASE),
-    ):
+    verdicts = [("ours/peft", ours, TARGET_OURS_VS_PEFT)]
+    if inference == "merged":  # in bf16 the layer stays unmerged (a merge is refused): no target for that
+        verdicts.append(("merged/base", merged, TARGET_MERGED_VS_BASE))
+    for name, (med, q1, q3), target in verdicts:
         verdict = "PASS" if med <= target else "MISS"
         print(f"{name:<12}= {med:.3f}  (IQR {q1:.3f}-{q3:.3f}; target <= {target:.2f})  {verdict}")
 

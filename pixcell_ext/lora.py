@@ -223,7 +223,11 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.merged:
             return result
-        lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        # Under autocast, A and B run in the autocast dtype whatever the input's: an fp32 copy of a bf16 input would be
+        # cast straight back, one wasted activation copy per layer. Without autocast the input must match fp32 A.
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)
+        lora = self.lora_B(self.lora_A(self.dropout(x)))
         # In place: linear's backward does not need its output, and this skips two [tokens, out] temporaries.
         # With a bf16 result the sum is formed in fp32 and rounded once.
         return result.add_(lora, alpha=self.scaling)

@@ -1,5 +1,6 @@
 """LoRA layers on a tiny diffusers PixArt transformer: exactness, merging, dtypes, files, PEFT interop."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 from diffusers import PixArtTransformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pixcell_ext.lora import (
     DEFAULT_TARGET_MODULES,
@@ -207,6 +209,45 @@ def test_small_lora_update_survives_in_bf16_unmerged_where_a_bf16_merge_erases_i
     assert (merged_weight == layer.base_layer.weight).float().mean() > 0.3
     rounded = effective_update(torch.nn.functional.linear(x, merged_weight, layer.base_layer.bias), base, x)
     assert (rounded - delta).norm() / delta.norm() > 0.3
+
+
+class FloatCopies(TorchDispatchMode):
+    """Records the shapes of every fp32 tensor made by a dtype conversion while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_autocast_forward_makes_no_fp32_copy_of_the_input_and_keeps_results_and_gradients():
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(32, 24), rank=4, alpha=8.0).to(torch.bfloat16)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    reference = copy.deepcopy(layer)
+    x = torch.randn(16, 32, dtype=torch.bfloat16, requires_grad=True)
+    x_reference = x.detach().clone().requires_grad_(True)
+    grad = torch.randn(16, 24, dtype=torch.bfloat16)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), FloatCopies() as copies:
+        out = layer(x)
+    assert (16, 32) not in copies.shapes  # no fp32 copy of the activations
+    out.backward(grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the previous forward: input cast to fp32 A's dtype first
+        lora = reference.lora_B(reference.lora_A(x_reference.float()))
+        expected = reference.base_layer(x_reference).add_(lora, alpha=reference.scaling)
+    expected.backward(grad)
+
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    assert torch.equal(x.grad, x_reference.grad)
+    for ours, theirs in ((layer.lora_A, reference.lora_A), (layer.lora_B, reference.lora_B)):
+        assert ours.weight.dtype == ours.weight.grad.dtype == torch.float32  # fp32 master weights and gradients
+        assert ours.weight.grad.abs().sum() > 0 and torch.equal(ours.weight.grad, theirs.weight.grad)
 
 
 def test_diffusers_qkv_fusion_fails_loudly_instead_of_dropping_lora(model):
