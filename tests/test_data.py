@@ -177,6 +177,16 @@ def test_only_files_directly_in_class_folders_count(folder):
     assert index.records[-1].path.parent == folder / "TUM"
 
 
+def test_a_changed_folder_is_read_again_not_taken_from_the_datasets_cache(folder):
+    assert len(scan_image_folder(folder).records) == 18
+    (folder / "ADI" / "ADI-00000000.tif").unlink()
+    Image.new("RGB", (40, 40)).save(folder / "TUM" / "TUM-new.png")
+    (folder / "TUM" / "TUM-00000001.png").rename(folder / "ADI" / "ADI-moved.png")
+    index = scan_image_folder(folder)
+    assert index.counts()["ADI"] == 2 and index.counts()["TUM"] == 2
+    assert folder / "ADI" / "ADI-moved.png" in [r.path for r in index.records]
+
+
 def test_a_class_named_like_a_split_is_a_class(tmp_path):
     data = write_tiny_dataset(tmp_path / "d", images_per_class=1, size=MIN_TILE_SIZE)
     (data / "ADI").rename(data / "test")  # `datasets` would take a bare "test" folder for a test split
