@@ -29,6 +29,9 @@ from pixcell_ext.tiny import write_folder_once
 DOMAINS = ("source", "target")
 SPLITS = ("train", "heldout")
 REFERENCE_SIZE = 224  # morphology below is in pixels of a 224 px tile (0.5 um/px, as NCT); other sizes scale it
+# Structures are drawn this much larger than the sizes written below (and correspondingly fewer), so that nuclei keep
+# a radius of 1.5 px or more in the mini stack's 64 px tiles; lymphocytes then measure ~6 um, about their real size.
+ZOOM = 1.8
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def _nuclei(
     """Scatter nuclei of one kind; the domain scales their number and size."""
     size = canvas.shape[0]
     if centers is None:
-        n = rng.poisson(count * domain.density)
+        n = rng.poisson(count * domain.density / ZOOM**2)
         centers = rng.uniform(0, size, (n, 2))
     n = len(centers)
     radii = rng.uniform(*radius, n) * domain.nucleus_scale * scale
@@ -135,22 +138,26 @@ def _fibres(rng: np.random.Generator, size: int, scale: float, angle: float, per
 
 
 def _voronoi_edges(rng: np.random.Generator, size: int, n_sites: int, width: float) -> np.ndarray:
-    """Thin polygonal cell membranes: 1 where the two nearest sites are about equally far."""
+    """Thin polygonal cell membranes: 1 on the bisector between the two nearest sites, fading over `width` px."""
     sites = rng.uniform(0, size, (n_sites, 2)).astype(np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     squared = (yy[None] - sites[:, 0, None, None]) ** 2 + (xx[None] - sites[:, 1, None, None]) ** 2
-    nearest = np.sqrt(np.partition(squared, 1, axis=0)[:2])
-    return np.clip(1 - (nearest[1] - nearest[0]) / width, 0, 1), sites
+    nearest = np.argpartition(squared, 1, axis=0)[:2]
+    d1, d2 = np.take_along_axis(squared, nearest, axis=0)
+    gap = np.linalg.norm(sites[nearest[1]] - sites[nearest[0]], axis=-1)
+    to_bisector = (d2 - d1) / (2 * np.maximum(gap, 1e-3))
+    return np.clip(1 - to_bisector / width, 0, 1), sites
 
 
 def _render(domain: Domain, class_name: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Haematoxylin and eosin density maps of one tile of `class_name`."""
-    s = size / REFERENCE_SIZE
+    s = ZOOM * size / REFERENCE_SIZE
     h = np.zeros((size, size), np.float32)
     e = np.zeros((size, size), np.float32)
     texture = _smooth_noise(rng, size, 12)
     if class_name == "ADI":
-        membranes, sites = _voronoi_edges(rng, size, int(rng.integers(10, 18) * domain.density + 2), 2.2 * s)
+        cells = int(rng.integers(24, 40) * domain.density / ZOOM**2)
+        membranes, sites = _voronoi_edges(rng, size, cells, 1.2 * s)
         e += 0.45 * membranes + 0.02
         flat = sites[rng.random(len(sites)) < 0.25] + rng.normal(0, 3 * s, (1, 2))
         _nuclei(h, rng, domain, s, 0, (2.0, 2.5), elongation=(2.0, 3.0), intensity=(0.8, 1.1), centers=flat)
@@ -158,7 +165,7 @@ def _render(domain: Domain, class_name: str, rng: np.random.Generator, size: int
         e += 0.015 + 0.01 * texture
         h += 0.01 + 0.005 * _smooth_noise(rng, size, 6)
     elif class_name == "DEB":
-        e += np.clip(0.4 + 0.18 * texture + 0.1 * _smooth_noise(rng, size, 30), 0.05, None)
+        e += np.clip(0.4 + 0.18 * texture + 0.1 * _smooth_noise(rng, size, 16), 0.05, None)
         _nuclei(h, rng, domain, s, 260, (0.8, 2.2), irregularity=0.45, intensity=(0.6, 1.5))
         _nuclei(h, rng, domain, s, 12, (4.0, 6.0), irregularity=0.3, intensity=(0.25, 0.45))
     elif class_name == "LYM":
@@ -183,7 +190,7 @@ def _render(domain: Domain, class_name: str, rng: np.random.Generator, size: int
         e += 0.25 + 0.05 * texture
         _nuclei(h, rng, domain, s, 18, (2.0, 2.6), elongation=(1.5, 2.5), intensity=(0.9, 1.2))
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        for _ in range(int(rng.integers(2, 4))):
+        for _ in range(int(rng.integers(1, 3))):
             cy, cx = rng.uniform(0, size, 2)
             lumen = rng.uniform(16, 26) * s
             ring = lumen + 12 * s * domain.nucleus_scale
@@ -196,8 +203,18 @@ def _render(domain: Domain, class_name: str, rng: np.random.Generator, size: int
             mid = (lumen + 0.65 * (ring - lumen)) * np.stack([np.sin(phi), np.cos(phi)], 1)
             centers = np.mod(mid + [cy, cx], size)
             # Columnar epithelium: evenly spaced nuclei elongated towards the lumen.
-            _nuclei(h, rng, domain, s, 0, (2.0, 2.4), elongation=(2.0, 2.4), angle=phi, intensity=(1.3, 1.6),
-                    centers=centers)
+            _nuclei(
+                h,
+                rng,
+                domain,
+                s,
+                0,
+                (2.0, 2.4),
+                elongation=(2.0, 2.4),
+                angle=phi,
+                intensity=(1.3, 1.6),
+                centers=centers,
+            )
     elif class_name == "TUM":
         e += 0.3 + 0.08 * texture
         h += 0.15 + 0.05 * _smooth_noise(rng, size, 8)
