@@ -20,22 +20,24 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pixcell_ext import artifacts, checkpointing, data, diffusion, features, mini, models, presets, validation
-from pixcell_ext.adapter import AdapterConfig, UNIAdapter
-from pixcell_ext.conditioning import AdaptedPixCell
-from pixcell_ext.lora import (
-    DEFAULT_TARGET_MODULES,
-    LoRAConfig,
-    block_rank_pattern,
-    inject_lora,
-    lora_parameters,
-    parse_block_spec,
+from pixcell_ext import (
+    artifacts,
+    checkpointing,
+    data,
+    diffusion,
+    features,
+    mini,
+    models,
+    presets,
+    training,
+    validation,
 )
+from pixcell_ext.adapter import AdapterConfig
+from pixcell_ext.lora import DEFAULT_TARGET_MODULES, LoRAConfig, block_rank_pattern, lora_parameters, parse_block_spec
 from pixcell_ext.runtime import (
     apply_gradient_clipping_to_deepspeed,
     check_process_group,
     check_replicas_identical,
-    make_optimizer,
     run_main,
     too_many_bad_steps_message,
     weight_dtype,
@@ -148,6 +150,126 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, output_dir)
+
+    # Output folder and data first: a mistake should fail in seconds, not after loading 1.3 B parameters.
+    artifacts.check_writable(output_dir)
+    artifacts.claim_output_dir(
+        output_dir,
+        resuming=bool(args.resume_from_checkpoint),
+        overwrite=args.overwrite,
+        logging_dir=args.logging_dir,
+        is_main=accelerator.is_main_process,
+    )
+    accelerator.wait_for_everyone()
+    index = load_index(args, accelerator)
+    checkpoint = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    updates_per_epoch = checkpointing.updates_per_epoch(
+        len(index.records), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps
+    )
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    if checkpoint is not None:
+        checkpointing.check_resumable(checkpoint, vars(args))
+        if finish_if_complete(accelerator, checkpoint, output_dir, max_train_steps):
+            return
+
+    # Frozen models, the adapted model, its data, optimiser and schedule.
+    stack, resolution = load_frozen_models(args, accelerator)
+    set_seed(args.seed)  # the initial LoRA/adapter weights must not depend on which models were built before
+    lora_config, adapter_config = model_configs(args, stack.transformer.config, index.class_names)
+    model = training.build_adapted_model(
+        stack.transformer, lora_config, adapter_config, gradient_checkpointing=args.gradient_checkpointing
+    )
+    trainable = training.trainable_parameters(model)
+    dataset = training_dataset(args, accelerator, index, resolution)
+    noise_scheduler = models.training_scheduler(stack.scheduler_config)
+    train_dataloader = training_dataloader(args, dataset, index, stack, resolution, noise_scheduler)
+    optimizer = training.make_optimizer(
+        trainable,
+        use_8bit=args.use_8bit_adam,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    apply_gradient_clipping_to_deepspeed(accelerator, args.max_grad_norm)
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    # Stepped once per optimiser update, so warm-up and decay are in updates for any number of processes.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
+    )
+    accelerator.register_for_checkpointing(lr_scheduler)
+    accelerator.register_save_state_pre_hook(artifacts.checkpoint_save_hook(accelerator, lora_config))
+    accelerator.register_load_state_pre_hook(artifacts.checkpoint_load_hook(accelerator))
+    modules = training.TrainingModules(model, trainable, optimizer, lr_scheduler, noise_scheduler, stack.vae, stack.uni)
+    step_config = training.StepConfig(args.max_grad_norm, args.snr_gamma, args.class_loss_weight, args.augment)
+    validate = validation_panels(args, accelerator, index, dataset, stack, resolution)
+    run_config = {**vars(args), "class_names": index.class_names, "resolution": resolution}
+
+    progress = checkpointing.TrainingProgress()
+    if checkpoint is not None:
+        progress = checkpointing.load_checkpoint(accelerator, checkpoint)
+        logger.info(f"Resumed from {checkpoint}: step {progress.global_step}, epoch {progress.epoch}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("pixcell_adapter_lora", config=artifacts.loggable_config(run_config))
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    log_plan(args, accelerator, model, max_train_steps, num_epochs, updates_per_epoch)
+    progress_bar = tqdm(
+        total=max_train_steps, initial=progress.global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    bad_steps = 0
+
+    for epoch in range(progress.epoch, num_epochs):
+        # Through the prepared loader: it calls set_epoch with its own counter at every pass (0 in a resumed process),
+        # and `skip_first_batches` copies that counter, so setting the sampler directly would be overridden.
+        train_dataloader.set_epoch(epoch)
+        model.train()
+        skip = progress.batches_in_epoch if epoch == progress.epoch else 0
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        progress.epoch, progress.batches_in_epoch = epoch, skip
+        for batch in batches:
+            progress.batches_in_epoch += 1
+            stats = training.train_step(accelerator, modules, batch, step_config)
+            if not stats.updated:
+                continue
+            progress.global_step += 1
+            progress_bar.update(1)
+            bad_steps = bad_steps + 1 if stats.skipped else 0
+            if stats.skipped:
+                progress.skipped_steps += 1
+                logger.warning(f"Non-finite loss at step {progress.global_step}: update skipped ({bad_steps})")
+            if bad_steps >= args.max_bad_steps:
+                raise RuntimeError(
+                    too_many_bad_steps_message(bad_steps, args.max_bad_steps, args.learning_rate, args.max_grad_norm)
+                )
+            logs = {**stats.terms, "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": progress.skipped_steps}
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")  # non-finite shows as nan
+            accelerator.log(logs, step=progress.global_step)
+
+            last = progress.global_step == max_train_steps
+            if progress.global_step % args.checkpointing_steps == 0 or last:
+                saved = checkpointing.save_checkpoint(
+                    accelerator, output_dir, progress, args.checkpoints_total_limit, run_config
+                )
+                logger.info(f"Saved {saved}")
+            if progress.global_step % args.validation_steps == 0 or last:
+                validate(model, progress.global_step)
+            if progress.global_step >= max_train_steps:
+                break
+        if progress.global_step >= max_train_steps:
+            break
+
+    check_replicas_identical(accelerator, trainable)
+    logger.info(f"Trainable weights are bit-identical on all {accelerator.num_processes} process(es)")
+    if accelerator.is_main_process:
+        with artifacts.disk_full_explained(output_dir, "the final weights", f"checkpoint-{progress.global_step}"):
+            artifacts.save_trained(output_dir, accelerator.unwrap_model(model), lora_config)
+            artifacts.write_run_summary(output_dir, {**run_config, "trained_steps": progress.global_step})
+        logger.info(f"Wrote adapter, LoRA, config and model card to {output_dir}")
+    accelerator.end_training()
+
+
+def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -161,17 +283,11 @@ def main(args: argparse.Namespace) -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    artifacts.check_writable(output_dir)
-    artifacts.claim_output_dir(
-        output_dir,
-        resuming=bool(args.resume_from_checkpoint),
-        overwrite=args.overwrite,
-        logging_dir=args.logging_dir,
-        is_main=accelerator.is_main_process,
-    )
-    accelerator.wait_for_everyone()
+    return accelerator
 
-    # Data first: a bad folder should fail in seconds, not after loading 1.3 B parameters.
+
+def load_index(args: argparse.Namespace, accelerator: Accelerator) -> data.ImageFolderIndex:
+    """Every image checked (and hashed) before any model loads; bad files are named."""
     if args.dataset_name:
         index = data.load_hub_dataset(
             args.dataset_name,
@@ -189,27 +305,28 @@ def main(args: argparse.Namespace) -> None:
     logger.info(f"Data: {len(index.records)} tiles in {len(index.class_names)} classes {index.counts()}")
     if index.skipped:
         logger.warning(f"Skipped {len(index.skipped)} unusable images (listed above).")
-    checkpoint = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-    updates_per_epoch = checkpointing.updates_per_epoch(
-        len(index.records), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps
-    )
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    if checkpoint is not None:
-        checkpointing.check_resumable(checkpoint, vars(args))
-        done = checkpointing.read_progress(checkpoint).global_step
-        if done >= max_train_steps:
-            written = []
-            if accelerator.is_main_process:
-                written = checkpointing.finish_from_checkpoint(checkpoint, output_dir)
-            accelerator.wait_for_everyone()
-            logger.info(
-                f"The run in {output_dir} is complete: {checkpoint.name} holds {done} of {max_train_steps} updates, "
-                f"so nothing is trained" + (f"; wrote {', '.join(written)} from it." if written else ".")
-            )
-            return
+    return index
 
-    dtype = weight_dtype(accelerator)
-    use_cache = args.feature_cache is not None
+
+def finish_if_complete(accelerator: Accelerator, checkpoint: Path, output_dir: Path, max_train_steps: int) -> bool:
+    """A resubmitted run that already made its last update trains nothing (not step N+1): it only writes the final
+    outputs a kill after the last checkpoint left missing."""
+    done = checkpointing.read_progress(checkpoint).global_step
+    if done < max_train_steps:
+        return False
+    written = checkpointing.finish_from_checkpoint(checkpoint, output_dir) if accelerator.is_main_process else []
+    accelerator.wait_for_everyone()
+    logger.info(
+        f"The run in {output_dir} is complete: {checkpoint.name} holds {done} of {max_train_steps} updates, so "
+        "nothing is trained" + (f"; wrote {', '.join(written)} from it." if written else ".")
+    )
+    return True
+
+
+def load_frozen_models(args: argparse.Namespace, accelerator: Accelerator) -> tuple[models.PixCellStack, int]:
+    """PixCell, the VAE (decoder only when training from the cache) and UNI2-h (not at all then), in the compute
+    dtype of the mixed-precision mode; and the tile resolution."""
+    dtype, use_cache = weight_dtype(accelerator), args.feature_cache is not None
     stack = models.load_pixcell_stack(
         args.pretrained_model_name_or_path,
         args.vae_name_or_path,
@@ -220,243 +337,127 @@ def main(args: argparse.Namespace) -> None:
         vae_decoder_only=use_cache,
         revision=args.revision,
     )
-    transformer, vae, uni = stack.transformer, stack.vae, stack.uni
-    resolution = args.resolution or transformer.config.sample_size * models.vae_scale_factor(vae)
+    resolution = args.resolution or stack.transformer.config.sample_size * models.vae_scale_factor(stack.vae)
     if args.enable_vae_slicing:
-        vae.enable_slicing()
+        stack.vae.enable_slicing()
     if args.enable_vae_tiling:
-        vae.enable_tiling()
+        stack.vae.enable_tiling()
     logger.info(
         f"Loaded PixCell from {args.pretrained_model_name_or_path}, VAE from {args.vae_name_or_path}"
         + ("" if use_cache else f", UNI2-h from {args.uni_model_name_or_path}")
         + f"; frozen models in {dtype}, resolution {resolution} px"
     )
+    return stack, resolution
 
-    set_seed(args.seed)  # the initial LoRA/adapter weights must not depend on which models were built before
+
+def model_configs(args: argparse.Namespace, transformer_config, class_names: list[str]):
+    """The LoRA and adapter configurations the flags describe."""
+    num_layers = transformer_config.num_layers
     lora_config = LoRAConfig(
         rank=args.lora_rank,
         alpha=args.lora_alpha or args.lora_rank,
         target_modules=tuple(args.lora_targets),
-        blocks=None if args.lora_blocks == "all" else parse_block_spec(args.lora_blocks, transformer.config.num_layers),
-        rank_pattern=block_rank_pattern(args.lora_block_ranks, transformer.config.num_layers),
+        blocks=None if args.lora_blocks == "all" else parse_block_spec(args.lora_blocks, num_layers),
+        rank_pattern=block_rank_pattern(args.lora_block_ranks, num_layers),
         dropout=args.lora_dropout,
         use_rslora=args.use_rslora,
     )
-    inject_lora(transformer, lora_config)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
     adapter_config = AdapterConfig(
-        transformer.config.caption_channels,
+        transformer_config.caption_channels,
         args.adapter_tokens,
         args.adapter_hidden_dim,
-        class_names=tuple(index.class_names) if args.class_conditioning or args.class_loss_weight > 0 else (),
+        class_names=tuple(class_names) if args.class_conditioning or args.class_loss_weight > 0 else (),
         class_conditioning=args.class_conditioning,
         class_head=args.class_loss_weight > 0,
     )
-    adapter = UNIAdapter(adapter_config).to(accelerator.device)
-    model = AdaptedPixCell(transformer, adapter)
-    trainable = [*adapter.parameters(), *lora_parameters(transformer)]
-    logger.info(
-        f"Trainable: adapter {sum(p.numel() for p in adapter.parameters()):,} + LoRA "
-        f"{sum(p.numel() for p in lora_parameters(transformer)):,} parameters; frozen transformer "
-        f"{sum(p.numel() for p in transformer.parameters() if not p.requires_grad):,}"
-    )
+    return lora_config, adapter_config
 
-    if use_cache:
-        cache = features.FeatureCache(args.feature_cache)
-        keys = features.build_feature_cache(
-            accelerator,
-            index,
-            cache,
-            vae_identity=features.model_identity(args.vae_name_or_path),
-            uni_identity=features.model_identity(args.uni_model_name_or_path),
-            resolution=resolution,
-            load_encoders=lambda: (
-                models.load_vae(args.vae_name_or_path, dtype=dtype).to(accelerator.device),
-                models.load_uni(args.uni_model_name_or_path, dtype=dtype).to(accelerator.device),
-            ),
-            batch_size=args.train_batch_size,
-            num_workers=args.dataloader_num_workers,
-            dtype=dtype,
-        )
-        dataset = features.CachedFeatureDataset(index, keys, cache)
-    else:
-        dataset = data.TileDataset(index, resolution)
-    run_config = {**vars(args), "class_names": index.class_names, "resolution": resolution}
-    noise_scheduler = models.training_scheduler(stack.scheduler_config)
-    latent_size = resolution // models.vae_scale_factor(vae)
+
+def training_dataset(args: argparse.Namespace, accelerator: Accelerator, index, resolution: int):
+    """Tiles decoded on the fly, or their cached VAE/UNI2-h features (the cache is filled first where incomplete)."""
+    if args.feature_cache is None:
+        return data.TileDataset(index, resolution)
+    dtype, cache = weight_dtype(accelerator), features.FeatureCache(args.feature_cache)
+    keys = features.build_feature_cache(
+        accelerator,
+        index,
+        cache,
+        vae_identity=features.model_identity(args.vae_name_or_path),
+        uni_identity=features.model_identity(args.uni_model_name_or_path),
+        resolution=resolution,
+        load_encoders=lambda: (
+            models.load_vae(args.vae_name_or_path, dtype=dtype).to(accelerator.device),
+            models.load_uni(args.uni_model_name_or_path, dtype=dtype).to(accelerator.device),
+        ),
+        batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        dtype=dtype,
+    )
+    return features.CachedFeatureDataset(index, keys, cache)
+
+
+def training_dataloader(args: argparse.Namespace, dataset, index, stack, resolution: int, noise_scheduler):
+    """Each sample carries its step randomness, drawn in the loader workers from (seed, epoch, index)."""
+    latent_size = resolution // models.vae_scale_factor(stack.vae)
     randomness_spec = diffusion.RandomnessSpec(
         seed=args.seed,
-        latent_shape=(transformer.config.in_channels, latent_size, latent_size),
+        latent_shape=(stack.transformer.config.in_channels, latent_size, latent_size),
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         cond_dropout=args.cond_dropout,
         reference_dropout=args.reference_dropout if args.class_conditioning else 0.0,
     )
-    sampler = data.EpochSampler([r.label for r in index.records], args.seed, class_balanced=args.class_balanced)
-    train_dataloader = DataLoader(
+    return DataLoader(
         diffusion.WithStepRandomness(dataset, randomness_spec),
         batch_size=args.train_batch_size,
-        sampler=sampler,
+        sampler=data.EpochSampler([r.label for r in index.records], args.seed, class_balanced=args.class_balanced),
         num_workers=args.dataloader_num_workers,
         persistent_workers=args.dataloader_num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
 
-    optimizer = make_optimizer(
-        trainable,
-        use_8bit=args.use_8bit_adam,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    apply_gradient_clipping_to_deepspeed(accelerator, args.max_grad_norm)
-    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    # Stepped by us once per optimiser update, so warm-up and decay are in updates for any number of processes.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
-    )
-    accelerator.register_for_checkpointing(lr_scheduler)
-    unwrapped = accelerator.unwrap_model(model)
-    accelerator.register_save_state_pre_hook(artifacts.checkpoint_save_hook(accelerator, lora_config))
-    accelerator.register_load_state_pre_hook(artifacts.checkpoint_load_hook(accelerator))
 
-    validation_ids = validation.first_tile_per_class(index)
-    validation_embeddings = validation.reference_embeddings(dataset, validation_ids, uni, accelerator.device)
-    validation_references = validation.reference_tiles(index, validation_ids, resolution)
+def validation_panels(args: argparse.Namespace, accelerator: Accelerator, index, dataset, stack, resolution: int):
+    """`validate(model, step)`: a panel of one reference tile per class beside what the model makes from it."""
+    ids = validation.first_tile_per_class(index)
+    embeddings = validation.reference_embeddings(dataset, ids, stack.uni, accelerator.device)
+    references = validation.reference_tiles(index, ids, resolution)
+    labels = torch.tensor([index.records[i].label for i in ids])
+    names = [index.class_names[index.records[i].label] for i in ids]
 
-    progress = checkpointing.TrainingProgress()
-    if checkpoint is not None:
-        progress = checkpointing.load_checkpoint(accelerator, checkpoint)
-        logger.info(f"Resumed from {checkpoint}: step {progress.global_step}, epoch {progress.epoch}")
-    elif args.resume_from_checkpoint:
-        logger.info(f"No checkpoint in {output_dir} yet: starting a new run.")
+    def validate(model: torch.nn.Module, step: int) -> None:
+        model.eval()
+        validation.run(
+            accelerator,
+            accelerator.unwrap_model(model),
+            stack.vae,
+            stack.scheduler_config,
+            embeddings,
+            labels,
+            references,
+            names,
+            Path(args.output_dir) / "validation" / f"step-{step:06d}.png",
+            step=step,
+            seed=args.seed,
+            guidance_scale=args.validation_guidance_scale,
+            num_inference_steps=args.num_validation_inference_steps,
+        )
+        model.train()
 
-    if accelerator.is_main_process:
-        accelerator.init_trackers("pixcell_adapter_lora", config=artifacts.loggable_config(run_config))
+    return validate
+
+
+def log_plan(args, accelerator: Accelerator, model, max_train_steps: int, num_epochs: int, updates_per_epoch: int):
+    adapted = accelerator.unwrap_model(model)
+    adapter_size = sum(p.numel() for p in adapted.adapter.parameters())
+    lora_size = sum(p.numel() for p in lora_parameters(adapted.transformer))
+    frozen = sum(p.numel() for p in adapted.transformer.parameters() if not p.requires_grad)
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"Trainable: adapter {adapter_size:,} + LoRA {lora_size:,} parameters; frozen transformer {frozen:,}")
     logger.info(
         f"Training: {accelerator.num_processes} process(es), {args.train_batch_size} per process x "
         f"{args.gradient_accumulation_steps} accumulation = {total_batch} tiles per update; "
         f"{max_train_steps} updates over {num_epochs} epoch(s) of {updates_per_epoch}"
     )
-    progress_bar = tqdm(
-        total=max_train_steps,
-        initial=progress.global_step,
-        desc="steps",
-        disable=not accelerator.is_local_main_process,
-    )
-    window_is_bad, bad_in_a_row, window_stats = False, 0, []
-
-    for epoch in range(progress.epoch, num_epochs):
-        # Through the prepared loader: it calls set_epoch with its own counter at every pass (0 in a resumed process),
-        # and `skip_first_batches` copies that counter, so setting the sampler directly would be overridden.
-        train_dataloader.set_epoch(epoch)
-        model.train()
-        skip = progress.batches_in_epoch if epoch == progress.epoch else 0
-        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        progress.epoch, progress.batches_in_epoch = epoch, skip
-        for batch in batches:
-            progress.batches_in_epoch += 1
-            with accelerator.accumulate(model):
-                randomness = diffusion.StepRandomness.from_batch(batch, accelerator.device)
-                latents, embedding = features.batch_features(
-                    batch,
-                    vae=vae,
-                    uni=uni,
-                    vae_config=vae.config,
-                    posterior_noise=randomness.posterior_noise,
-                    augment_codes=randomness.augment_codes if args.augment else None,
-                )
-                terms = diffusion.diffusion_loss(
-                    model,
-                    noise_scheduler,
-                    latents,
-                    embedding,
-                    randomness,
-                    snr_gamma=args.snr_gamma,
-                    labels=batch["label"].to(accelerator.device),
-                    class_loss_weight=args.class_loss_weight,
-                )
-                # One collective for the skip decision (every process must agree, or DDP would step on some ranks
-                # and not on others) and for the logged values.
-                stats = accelerator.gather(diffusion.loss_statistics(terms))
-                window_is_bad |= bool(stats[:, 0].min() == 0)
-                window_stats.append(stats[:, 1:].mean(dim=0))
-                accelerator.backward(terms.total)
-                if accelerator.sync_gradients and not window_is_bad:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                    optimizer.step()
-                    if not accelerator.optimizer_step_was_skipped:
-                        lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            if not accelerator.sync_gradients:
-                continue
-            progress.global_step += 1
-            progress_bar.update(1)
-            if window_is_bad:
-                progress.skipped_steps += 1
-                bad_in_a_row += 1
-                logger.warning(f"Non-finite loss at step {progress.global_step}: update skipped ({bad_in_a_row})")
-                if bad_in_a_row >= args.max_bad_steps:
-                    raise RuntimeError(
-                        too_many_bad_steps_message(
-                            bad_in_a_row,
-                            max_bad_steps=args.max_bad_steps,
-                            learning_rate=args.learning_rate,
-                            max_grad_norm=args.max_grad_norm,
-                        )
-                    )
-            else:
-                bad_in_a_row = 0
-            window_is_bad = False
-            means = torch.stack(window_stats).mean(dim=0).tolist()
-            window_stats.clear()
-            logged = diffusion.LOGGED_TERMS if args.class_loss_weight > 0 else diffusion.LOGGED_TERMS[:2]
-            logs = dict(zip(logged, means, strict=False))  # a non-finite loss is logged as such
-            logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_steps=progress.skipped_steps)
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            accelerator.log(logs, step=progress.global_step)
-
-            if progress.global_step % args.checkpointing_steps == 0 or progress.global_step == max_train_steps:
-                saved = checkpointing.save_checkpoint(
-                    accelerator, output_dir, progress, args.checkpoints_total_limit, run_config
-                )
-                logger.info(f"Saved {saved}")
-            if progress.global_step % args.validation_steps == 0 or progress.global_step == max_train_steps:
-                model.eval()
-                validation.run(
-                    accelerator,
-                    unwrapped,
-                    vae,
-                    stack.scheduler_config,
-                    validation_embeddings,
-                    torch.tensor([index.records[i].label for i in validation_ids]),
-                    validation_references,
-                    [index.class_names[index.records[i].label] for i in validation_ids],
-                    output_dir / "validation" / f"step-{progress.global_step:06d}.png",
-                    step=progress.global_step,
-                    seed=args.seed,
-                    guidance_scale=args.validation_guidance_scale,
-                    num_inference_steps=args.num_validation_inference_steps,
-                )
-                model.train()
-            if progress.global_step >= max_train_steps:
-                break
-        if progress.global_step >= max_train_steps:
-            break
-
-    check_replicas_identical(accelerator, trainable)
-    logger.info(f"Trainable weights are bit-identical on all {accelerator.num_processes} process(es)")
-    if accelerator.is_main_process:
-        last = f"checkpoint-{progress.global_step}"
-        with artifacts.disk_full_explained(output_dir, "the final weights", last):
-            artifacts.save_trained(output_dir, unwrapped, lora_config)
-            artifacts.write_run_summary(output_dir, {**run_config, "trained_steps": progress.global_step})
-        logger.info(f"Wrote adapter, LoRA, config and model card to {output_dir}")
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

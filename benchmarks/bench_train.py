@@ -7,10 +7,10 @@
 Modes (same models, batch size, LoRA config and optimiser; random weights, random tiles):
   notebook    the original notebook's way: per image, tensor -> PIL -> torchvision Resize(224)/ToTensor/Normalize
               -> UNI2-h, and a VAE encode, every step; micro-batch 1 with gradient accumulation up to the batch.
-  on_the_fly  train_adapter_lora.py without --feature_cache: `features.batch_features` on uint8 tensors (UNI2-h
-              and VAE encode batched on the device), loss, backward, optimiser step.
-  cached      train_adapter_lora.py with --feature_cache: stored latent mean/std + UNI embedding, so only the
-              adapter + LoRA transformer forward/backward and the optimiser step remain.
+  on_the_fly  train_adapter_lora.py without --feature_cache: its step, `training.train_step`, on uint8 tensors
+              (UNI2-h and VAE encode batched on the device), loss, backward, guarded optimiser and LR step.
+  cached      train_adapter_lora.py with --feature_cache: the same `training.train_step` on stored latent
+              mean/std + UNI embedding, so only the adapter + LoRA transformer forward/backward and the update remain.
 Tile decoding and the data loader's resize to 224 px (done in loader workers in training) are outside every step;
 the notebook did its PIL round trip inside the step, so it is timed there.
 
@@ -49,11 +49,10 @@ from torchvision.transforms.functional import to_pil_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixcell_ext import data, diffusion, features, models  # noqa: E402
-from pixcell_ext.adapter import AdapterConfig, UNIAdapter  # noqa: E402
-from pixcell_ext.conditioning import AdaptedPixCell  # noqa: E402
-from pixcell_ext.lora import LoRAConfig, inject_lora, lora_parameters  # noqa: E402
-from pixcell_ext.runtime import make_optimizer, weight_dtype  # noqa: E402
+from pixcell_ext import data, diffusion, features, models, training  # noqa: E402
+from pixcell_ext.adapter import AdapterConfig  # noqa: E402
+from pixcell_ext.lora import LoRAConfig  # noqa: E402
+from pixcell_ext.runtime import weight_dtype  # noqa: E402
 from pixcell_ext.tiny import write_tiny_stack  # noqa: E402
 
 MODES = ("notebook", "on_the_fly", "cached")
@@ -218,38 +217,59 @@ class Bench:
     """Everything one training step touches, set up as train_adapter_lora.py sets it up."""
 
     accelerator: Accelerator
-    model: torch.nn.Module  # AdaptedPixCell, prepared by accelerate
-    trainable: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    noise_scheduler: object
-    vae: torch.nn.Module
-    uni: models.UNIEncoder
+    modules: training.TrainingModules
     latent_shape: tuple[int, int, int]
     resolution: int
 
+    @property
+    def model(self) -> torch.nn.Module:  # AdaptedPixCell, prepared by accelerate
+        return self.modules.model
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.modules.vae
+
+    @property
+    def uni(self) -> models.UNIEncoder:
+        return self.modules.uni
+
+
+# The script's defaults (train_adapter_lora.py --max_grad_norm 1, no SNR weighting, no class head, no augmentation).
+STEP_CONFIG = training.StepConfig(max_grad_norm=1.0)
+
 
 def setup(args: argparse.Namespace, preset: Preset) -> Bench:
+    from diffusers.optimization import get_scheduler
+
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     stack = build_stack(preset, accelerator.device, weight_dtype(accelerator))
     transformer = stack.transformer
     torch.manual_seed(0)
-    inject_lora(transformer, LoRAConfig(rank=preset.lora_rank, alpha=preset.lora_rank))
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    adapter_config = AdapterConfig(transformer.config.caption_channels, 1, preset.adapter_hidden_dim)
-    adapter = UNIAdapter(adapter_config).to(accelerator.device)
-    trainable = [*adapter.parameters(), *lora_parameters(transformer)]
-    optimizer = make_optimizer(trainable, use_8bit=False, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    model, optimizer = accelerator.prepare(AdaptedPixCell(transformer, adapter), optimizer)
-    latent = transformer.config.sample_size
-    return Bench(
-        accelerator,
+    model = training.build_adapted_model(
+        transformer,
+        LoRAConfig(rank=preset.lora_rank, alpha=preset.lora_rank),
+        AdapterConfig(transformer.config.caption_channels, 1, preset.adapter_hidden_dim),
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    trainable = training.trainable_parameters(model)
+    optimizer = training.make_optimizer(
+        trainable, use_8bit=False, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=100)
+    modules = training.TrainingModules(
         model,
         trainable,
         optimizer,
+        lr_scheduler,
         models.training_scheduler(stack.scheduler_config),
         stack.vae,
         stack.uni,
+    )
+    latent = transformer.config.sample_size
+    return Bench(
+        accelerator,
+        modules,
         (transformer.config.in_channels, latent, latent),
         latent * models.vae_scale_factor(stack.vae),
     )
@@ -258,53 +278,33 @@ def setup(args: argparse.Namespace, preset: Preset) -> Bench:
 # ---------------------------------------------------------------------------------------------------- steps
 
 
-def draw(bench: Bench, ids: torch.Tensor) -> diffusion.StepRandomness:
-    spec = diffusion.RandomnessSpec(
+def randomness_spec(bench: Bench) -> diffusion.RandomnessSpec:
+    return diffusion.RandomnessSpec(
         seed=0,
         latent_shape=bench.latent_shape,
-        num_train_timesteps=bench.noise_scheduler.config.num_train_timesteps,
+        num_train_timesteps=bench.modules.noise_scheduler.config.num_train_timesteps,
         cond_dropout=0.1,
     )
-    return diffusion.draw_step_randomness(ids, epoch=0, spec=spec, device=bench.accelerator.device)
+
+
+def draw(bench: Bench, ids: torch.Tensor) -> diffusion.StepRandomness:
+    return diffusion.draw_step_randomness(ids, epoch=0, spec=randomness_spec(bench), device=bench.accelerator.device)
 
 
 def optimiser_update(bench: Bench) -> None:
     with record_function("update"):
-        bench.accelerator.clip_grad_norm_(bench.trainable, 1.0)
-        bench.optimizer.step()
-        bench.optimizer.zero_grad(set_to_none=True)
+        bench.accelerator.clip_grad_norm_(bench.modules.trainable, 1.0)
+        bench.modules.optimizer.step()
+        bench.modules.optimizer.zero_grad(set_to_none=True)
 
 
 def package_step(bench: Bench, batch: dict) -> None:
-    """train_adapter_lora.py's loop body; `batch` holds pixels (on the fly) or cached features (from the cache).
+    """train_adapter_lora.py's step itself; `batch` holds pixels (on the fly) or cached features (from the cache) and
+    the per-sample draws the training data loader adds in its workers (outside the step, as in training).
 
-    The optimiser always steps (the script skips it only on a non-finite loss), so every step does the same work.
+    The losses are finite, so the optimiser always steps and every step does the same work.
     """
-    with bench.accelerator.accumulate(bench.model):
-        with record_function("randomness"):
-            randomness = draw(bench, batch["index"])
-        with record_function("features"):
-            latents, embedding = features.batch_features(
-                batch,
-                vae=bench.vae,
-                uni=bench.uni,
-                vae_config=bench.vae.config,
-                posterior_noise=randomness.posterior_noise,
-                augment_codes=None,
-            )
-        with record_function("loss+backward"):
-            terms = diffusion.diffusion_loss(
-                bench.model,
-                bench.noise_scheduler,
-                latents,
-                embedding,
-                randomness,
-                labels=batch["label"].to(bench.accelerator.device),
-            )
-            stats = bench.accelerator.gather(diffusion.loss_statistics(terms))  # the script's one collective
-            bool(stats[:, 0].min() == 0)  # its skip decision: a host sync every step
-            bench.accelerator.backward(terms.total)
-        optimiser_update(bench)
+    training.train_step(bench.accelerator, bench.modules, batch, STEP_CONFIG)
 
 
 NOTEBOOK_UNI_TRANSFORM = transforms.Compose(
@@ -332,7 +332,7 @@ def notebook_step(bench: Bench, batch: dict) -> None:
             randomness = draw(bench, batch["index"][i : i + 1])
         latents = models.posterior_latents(bench.vae.config, mean, std, randomness.posterior_noise)
         with record_function("loss+backward"):
-            terms = diffusion.diffusion_loss(bench.model, bench.noise_scheduler, latents, embedding, randomness)
+            terms = diffusion.diffusion_loss(bench.model, bench.modules.noise_scheduler, latents, embedding, randomness)
             bench.accelerator.backward(terms.total / n)
     optimiser_update(bench)
 
@@ -354,7 +354,7 @@ def cached_microbatch_step(bench: Bench, batch: dict) -> None:
             posterior_noise=randomness.posterior_noise,
             augment_codes=None,
         )
-        terms = diffusion.diffusion_loss(bench.model, bench.noise_scheduler, latents, embedding, randomness)
+        terms = diffusion.diffusion_loss(bench.model, bench.modules.noise_scheduler, latents, embedding, randomness)
         bench.accelerator.backward(terms.total / n)
     optimiser_update(bench)
 
@@ -370,7 +370,9 @@ def make_batches(bench: Bench, batch_size: int) -> dict[str, dict]:
     with torch.no_grad():  # what features._encode_into_cache stores
         mean, std = models.encode_latent_distribution(bench.vae, data.vae_input(pixels["vae_pixels"]))
         embedding = bench.uni(pixels["uni_pixels"]).squeeze(1).float()
-    common = {"index": index, "label": torch.zeros(batch_size, dtype=torch.long)}
+    draws = [randomness_spec(bench).draw(0, i) for i in range(batch_size)]  # as WithStepRandomness adds them
+    randomness = {name: torch.stack([d[name] for d in draws]) for name in diffusion.RANDOMNESS_FIELDS}
+    common = {"index": index, "label": torch.zeros(batch_size, dtype=torch.long), **randomness}
     cached = {**common, "latent_mean": mean, "latent_std": std, "uni_embedding": embedding}
     return {
         "notebook": {**common, "tiles": pixels["vae_pixels"].cpu()},
@@ -490,7 +492,7 @@ def find_max_batch(bench: Bench, batch: dict, start: int) -> int:
         except torch.OutOfMemoryError:
             oom = True
         trial = None  # noqa: F841  (free before the next, larger try)
-        bench.optimizer.zero_grad(set_to_none=True)
+        bench.modules.optimizer.zero_grad(set_to_none=True)
         gc.collect()
         torch.cuda.empty_cache()
         if oom:
@@ -553,7 +555,8 @@ def header(args: argparse.Namespace, bench: Bench, batch_size: int, repeats: int
         f"mixed_precision={args.mixed_precision} gradient_checkpointing={args.gradient_checkpointing} "
         f"repeats={repeats} warmup={warmup}\n"
         f"  machine: {machine()}; torch {torch.__version__}; {datetime.date.today().isoformat()}\n"
-        f"  trainable {millions(bench.trainable):.2f} M (adapter + LoRA rank {PRESETS[args.preset].lora_rank}); "
+        f"  trainable {millions(bench.modules.trainable):.2f} M "
+        f"(adapter + LoRA rank {PRESETS[args.preset].lora_rank}); "
         f"frozen: transformer {millions(p for p in transformer.parameters() if not p.requires_grad):.1f} M, "
         f"UNI {millions(bench.uni.parameters()):.1f} M, VAE encoder {millions(bench.vae.encoder.parameters()):.1f} M"
     )

@@ -30,18 +30,7 @@ def weight_dtype(accelerator: Accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def make_optimizer(params, *, use_8bit: bool, **hyperparameters) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW when asked for (it keeps optimizer state in 8 bits)."""
-    if not use_8bit:
-        return torch.optim.AdamW(params, **hyperparameters)
-    try:
-        import bitsandbytes
-    except ImportError as error:
-        raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
-    return bitsandbytes.optim.AdamW8bit(params, **hyperparameters)
-
-
-def too_many_bad_steps_message(count: int, *, max_bad_steps: int, learning_rate: float, max_grad_norm: float) -> str:
+def too_many_bad_steps_message(count: int, max_bad_steps: int, learning_rate: float, max_grad_norm: float) -> str:
     return (
         f"The loss was not finite for {count} updates in a row, so training stopped (--max_bad_steps "
         f"{max_bad_steps}). Try a lower --learning_rate (now {learning_rate}), --mixed_precision bf16 "

@@ -14,6 +14,7 @@ from pixcell_ext.artifacts import save_trained
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.lora import LoRAConfig, block_rank_pattern, inject_lora, lora_layers
 from pixcell_ext.models import load_transformer
+from pixcell_ext.training import build_adapted_model
 
 
 @pytest.fixture
@@ -116,10 +117,9 @@ def test_class_head_loss_falls_on_the_toy_set(tiny_stack, tmp_path):
 @pytest.fixture
 def class_run_dir(tiny_stack, tmp_path):
     """A class-conditioned run whose class embeddings differ, as after training."""
-    transformer = load_transformer(str(tiny_stack.pixcell))
-    model = AdaptedPixCell(transformer, class_adapter(class_head=False))
     lora_config = LoRAConfig(rank=4)
-    inject_lora(transformer, lora_config)
+    adapter_config = class_adapter(class_head=False).config
+    model = build_adapted_model(load_transformer(str(tiny_stack.pixcell)), lora_config, adapter_config)
     with torch.no_grad():
         model.adapter.class_embedding.weight.normal_(std=2.0, generator=torch.Generator().manual_seed(0))
     save_trained(tmp_path / "run", model, lora_config)
