@@ -48,8 +48,14 @@ def mini_stack(data_root: str | os.PathLike = MINI_DIR, assets: Path = MINI_ASSE
     )
 
 
-def write_mini_stack(data_root: str | os.PathLike = MINI_DIR, assets: Path = MINI_ASSETS) -> MiniStack:
-    """The mini stack with its tile folders written (once); refuses a checkout without the committed models."""
+def write_mini_stack(
+    data_root: str | os.PathLike = MINI_DIR,
+    assets: Path = MINI_ASSETS,
+    train_per_class: int = TRAIN_TILES_PER_CLASS,
+    heldout_per_class: int = HELDOUT_TILES_PER_CLASS,
+) -> MiniStack:
+    """The mini stack with its tile folders written (once; existing folders are kept whatever their size);
+    refuses a checkout without the committed models."""
     from pixcell_ext.toy_histology import write_toy_dataset
 
     stack = mini_stack(data_root, assets)
@@ -60,10 +66,10 @@ def write_mini_stack(data_root: str | os.PathLike = MINI_DIR, assets: Path = MIN
             "project; restore them from git, or rebuild with `python -m pixcell_ext.mini_stack --output_dir "
             "pixcell_ext/assets/mini`."
         )
-    write_toy_dataset(stack.target_train, "target", "train", TRAIN_TILES_PER_CLASS)
-    write_toy_dataset(stack.target_heldout, "target", "heldout", HELDOUT_TILES_PER_CLASS)
-    write_toy_dataset(stack.target_test, "target", "heldout", HELDOUT_TILES_PER_CLASS, seed=1)
-    write_toy_dataset(stack.source_heldout, "source", "heldout", HELDOUT_TILES_PER_CLASS)
+    write_toy_dataset(stack.target_train, "target", "train", train_per_class)
+    write_toy_dataset(stack.target_heldout, "target", "heldout", heldout_per_class)
+    write_toy_dataset(stack.target_test, "target", "heldout", heldout_per_class, seed=1)
+    write_toy_dataset(stack.source_heldout, "source", "heldout", heldout_per_class)
     return stack
 
 
@@ -113,8 +119,19 @@ def mini_generation(stack: MiniStack) -> dict:
 
 
 def mini_evaluation(stack: MiniStack) -> dict:
-    """`evaluate_synthetic.py --preset mini`: the generated set against held-out TARGET tiles."""
+    """`evaluate_synthetic.py --preset mini`: the generated set against held-out TARGET tiles, in the encoder's
+    space and in the judge's (a classifier trained on TARGET that the generator never saw, read as a timm encoder)."""
+    from pixcell_ext.judge import timm_extractor_arguments
+
+    architecture, weights, options = timm_extractor_arguments(stack.judge)
     return {
+        "extractors": ["uni", "timm"],
+        "timm_encoder": architecture,
+        "timm_encoder_weights": weights,
+        "timm_encoder_kwargs": options["model_kwargs"],
+        "timm_image_size": options["image_size"],
+        "timm_mean": list(options["mean"]),
+        "timm_std": list(options["std"]),
         "real_dir": str(stack.target_heldout),
         "real_test_dir": str(stack.target_test),
         "synthetic_dir": "outputs/mini-synthetic",
