@@ -22,6 +22,7 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from pixcell_ext import generation, mini, models, presets
+from pixcell_ext.compilation import compile_transformer
 from pixcell_ext.files import write_png_atomically
 from pixcell_ext.runtime import check_process_group, run_main, weight_dtype
 
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--scheduler", choices=sorted(models.SAMPLERS), default="dpm")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--batch_size", type=int, default=8, help="Images per forward, per process.")
+    group.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks.")
     group = parser.add_argument_group("outputs")
     group.add_argument("--output_dir", default=None)
     group.add_argument("--overwrite", action="store_true", help="Delete previously generated images, regenerate.")
@@ -107,6 +109,8 @@ def main(args: argparse.Namespace) -> None:
         revision=args.revision,
     )
     model = generation.load_generation_model(stack.transformer, args.lora_dir, args.pretrained_model_name_or_path)
+    if args.compile:
+        compile_transformer(stack.transformer)
     resolution = stack.transformer.config.sample_size * models.vae_scale_factor(stack.vae)
 
     accelerator.wait_for_everyone()  # nobody reads the directory's old state after this point
