@@ -449,9 +449,17 @@ def test_peft_loads_our_file_identically(model, inputs, tmp_path, case):
         assert from_shapes.transformer_blocks[2].attn1.to_q.lora_A["default"].weight.shape == (2, 16)
         assert from_shapes.transformer_blocks[2].attn1.to_q.scaling["default"] == 1.0
 
+    # 3. diffusers' own fallback for a file without metadata (`load_lora_adapter` builds its ranks this way).
+    from diffusers.utils.peft_utils import get_peft_kwargs
+
+    bare = {k.removeprefix("transformer."): v for k, v in state.items()}
+    diffusers_ranks = {f"^{k}": v.shape[1] for k, v in bare.items() if "lora_B" in k}
+    from_diffusers = peft_model_from(state, get_peft_kwargs(diffusers_ranks, None, bare, is_unet=False))
+
     with torch.no_grad():
         torch.testing.assert_close(run(from_metadata, inputs), ours, atol=1e-5, rtol=0)
         torch.testing.assert_close(run(from_shapes, inputs), ours, atol=1e-5, rtol=0)
+        torch.testing.assert_close(run(from_diffusers, inputs), ours, atol=1e-5, rtol=0)
 
     # And back: our loader divides the scaling out again, to one fp32 rounding of the trained B.
     fresh = build_model()
