@@ -57,10 +57,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--timm_image_size", type=int, default=None, help="Default: timm's input size for the model.")
     group.add_argument("--timm_mean", type=float, nargs=3, default=None, help="Default: timm's, for its own weights.")
     group.add_argument("--timm_std", type=float, nargs=3, default=None, help="Default: timm's, for its own weights.")
+    group.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="The generator's training tiles, for the memorisation check (nearest-training-tile distances).",
+    )
     group = parser.add_argument_group("metrics")
-    group.add_argument("--kid_subsets", type=int, default=100)
+    group.add_argument("--kid_subsets", type=int, default=100, help="KID subsets, for matched sets over 1000 tiles.")
     group.add_argument("--pr_k", type=int, default=3, help="k of the k-NN manifolds of precision/recall.")
+    group.add_argument("--dc_k", type=int, default=5, help="k of the real k-NN balls of density/coverage.")
+    group.add_argument("--matched_draws", type=int, default=5, help="Seeded draws of the larger side at matched n.")
+    group.add_argument("--jackknife_groups", type=int, default=10, help="Groups per side for the metric intervals.")
+    group.add_argument("--bootstrap_replicates", type=int, default=200, help="Resamples for probe/LPIPS intervals.")
+    group.add_argument("--confidence", type=float, default=0.95, help="Level of every interval.")
     group.add_argument("--probe_max_per_class", type=int, default=None, help="Subsample both probe training sets.")
+    group.add_argument("--low_data_ks", type=int, nargs="+", default=[10, 50, 100, 500], help="Real tiles per class.")
+    group.add_argument("--low_data_draws", type=int, default=3, help="Seeded draws of the k real tiles per k.")
     group.add_argument("--lpips_backbone", default=None, help="torchvision alexnet/vgg16 state dict; no LPIPS without.")
     group.add_argument("--lpips_net", choices=["alex", "vgg"], default="alex")
     group.add_argument("--lpips_resolution", type=int, default=224)
@@ -96,6 +108,7 @@ def main(args: argparse.Namespace) -> None:
     classes = args.classes or sorted(set(synthetic.labels))
     real = scan(args.real_dir, classes)
     real_test = scan(args.real_test_dir, classes) if args.real_test_dir else None
+    training = scan(args.train_data_dir, None) if args.train_data_dir else None
     tiles, rows = evaluation.arrange_tiles(
         real, synthetic, real_test, test_fraction=args.real_test_fraction, seed=args.seed
     )
@@ -117,25 +130,18 @@ def main(args: argparse.Namespace) -> None:
     )
 
     digests = hash_files(accelerator, tiles.paths)
-    cache_dir = Path(args.feature_cache_dir or output_dir / "feature_cache")
-    features, skipped = {}, {}
-    for extractor in extractors:
-        try:
-            matrix = evaluation.compute_features(
-                accelerator,
-                extractor,
-                tiles.paths,
-                digests,
-                cache_dir,
-                batch_size=args.batch_size,
-                num_workers=args.dataloader_num_workers,
-            )
-        except evaluation.ExtractorUnavailable as error:
-            skipped[extractor.name] = str(error)
-            logger.warning(str(error))
-            continue
-        if matrix is not None:
-            features[extractor.name] = matrix
+    extract = {
+        "cache_dir": Path(args.feature_cache_dir or output_dir / "feature_cache"),
+        "batch_size": args.batch_size,
+        "num_workers": args.dataloader_num_workers,
+    }
+    features, skipped = evaluation.extract_features(accelerator, extractors, tiles.paths, digests, **extract)
+    for reason in skipped.values():
+        logger.warning(reason)
+    synthetic_rows = rows["synthetic"]
+    jitter = evaluation.jittered_features(accelerator, extractors, skipped, tiles, synthetic_rows, digests, **extract)
+    space = evaluation.memorisation_extractor(extractors, skipped) if training else None
+    training_features = evaluation.training_features(accelerator, space, training, **extract) if space else None
     if not accelerator.is_main_process:
         return  # metrics, LPIPS and plots run on the main process alone
 
@@ -150,28 +156,58 @@ def main(args: argparse.Namespace) -> None:
     extractor_results, found = evaluation.evaluate_feature_spaces(
         extractors,
         features,
+        jitter,
         tiles,
         rows,
         probe_rows,
         classes,
-        kid_subsets=args.kid_subsets,
-        pr_k=args.pr_k,
-        seed=args.seed,
+        evaluation.DistributionSettings(
+            pr_k=args.pr_k,
+            dc_k=args.dc_k,
+            kid_subsets=args.kid_subsets,
+            draws=args.matched_draws,
+            groups=args.jackknife_groups,
+            confidence=args.confidence,
+            seed=args.seed,
+        ),
+        evaluation.ProbeSettings(
+            low_data_ks=tuple(args.low_data_ks),
+            draws=args.low_data_draws,
+            replicates=args.bootstrap_replicates,
+            confidence=args.confidence,
+            seed=args.seed,
+        ),
         device=accelerator.device,
+    )
+    memorisation, memorisation_warnings = evaluation.memorisation_report(
+        space,
+        features,
+        training_features,
+        tiles,
+        rows,
+        digests,
+        training,
+        output_dir / "plots" / "memorisation_pairs.png",
+        confidence=args.confidence,
     )
     lpips_section, lpips_notes = evaluation.lpips_report(
         args.lpips_backbone,
         args.lpips_net,
         args.lpips_resolution,
         synthetic,
+        real,
         classes,
         manifest,
-        max_pairs=args.lpips_max_pairs,
-        batch_size=args.batch_size,
-        seed=args.seed,
+        evaluation.LPIPSSettings(
+            max_pairs=args.lpips_max_pairs,
+            batch_size=args.batch_size,
+            replicates=args.bootstrap_replicates,
+            confidence=args.confidence,
+            seed=args.seed,
+        ),
         device=accelerator.device,
     )
-    notes += evaluation.GENERAL_NOTES + lpips_notes
+    notes += evaluation.GENERAL_NOTES + lpips_notes + ([memorisation["skipped"]] if "skipped" in memorisation else [])
     provenance = evaluation.synthetic_provenance(args.synthetic_dir)
     notes += evaluation.provenance_notes(provenance, random_encoders=args.preset == "tiny")
     report = {
@@ -181,8 +217,9 @@ def main(args: argparse.Namespace) -> None:
         "probe_split": "--real_test_dir" if real_test else f"--real_dir split per class ({args.real_test_fraction})",
         "extractors": extractor_results,
         "skipped_extractors": skipped,
+        "memorisation": memorisation,
         "lpips": lpips_section,
-        "warnings": warnings + found,
+        "warnings": warnings + found + memorisation_warnings,
         "notes": notes,
         "config": vars(args),
     }
@@ -190,6 +227,8 @@ def main(args: argparse.Namespace) -> None:
         report, features, tiles, rows, output_dir / "plots", max_points=args.plot_max_points, seed=args.seed
     )
     report["plots"] = [str(p.relative_to(output_dir)) for p in plots]
+    cards, card_notes = evaluation.write_dataset_card(report, provenance, [Path(args.synthetic_dir), output_dir])
+    report["dataset_cards"], report["notes"] = [str(c) for c in cards], notes + card_notes
     written = evaluation.write_report(output_dir, report)
     logger.info(f"Wrote {written['json']}, {written['csv']} and {len(plots)} plots under {output_dir / 'plots'}")
 

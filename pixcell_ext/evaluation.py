@@ -1,13 +1,14 @@
 """Evaluation of a class-organised synthetic set against real tiles: which numbers, on which tiles, with which notes.
 
-The maths lives in `metrics` and `probe`; the other jobs have their own modules, and this one puts them together
-for `evaluate_synthetic.py`:
+The maths lives in `metrics`, `probe` and `intervals`; the other jobs have their own modules, and this one puts them
+together for `evaluate_synthetic.py`:
 
-- `extractors`: the feature spaces (UNI2-h, Inception, a timm encoder, colour histograms);
-- `feature_store`: the tile lists and the per-file feature cache;
-- `splits`: which tiles each metric sees (probe split, per-class subsamples);
-- `manifest`: the generation manifest (which reference each synthetic tile came from);
-- `lpips_scores`, `report`, `plots`: LPIPS, ``metrics.json`` / CSV, and the figures.
+- `extractors`: the feature spaces (UNI2-h, Inception, a timm encoder, colour histograms, colour-jittered variants);
+- `feature_store`: the tile lists and the per-file feature cache; `splits`: which tiles each metric sees;
+- `distribution`: FD, KID, precision/recall, density/coverage at matched sizes with intervals;
+- `downstream`: TSTR/TRTR at equal counts, the colour-jittered TSTR and the low-data curve;
+- `memorisation`: nearest-training-tile distances; `lpips_scores`: LPIPS with its real baselines;
+- `manifest`: which reference each synthetic tile came from; `report`, `plots`: what is written.
 """
 
 from __future__ import annotations
@@ -20,46 +21,56 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
+from pixcell_ext.distribution import DistributionSettings, per_class_matched_metrics, small_sample_warning
+from pixcell_ext.downstream import ProbeSettings, low_data_curve, probe_results
 from pixcell_ext.extractors import (
     COLOUR_HISTOGRAM,
     ExtractorUnavailable,
     FeatureExtractor,
     colour_histogram_extractor,
+    colour_jittered,
     inception_extractor,
     select_extractors,
     timm_extractor,
     uni_extractor,
 )
 from pixcell_ext.feature_store import TileSet, compute_features, load_tile
-from pixcell_ext.lpips_scores import LPIPSScorer, lpips_metrics, lpips_report
+from pixcell_ext.features import hash_files
+from pixcell_ext.lpips_scores import LPIPSScorer, LPIPSSettings, lpips_metrics, lpips_report
 from pixcell_ext.manifest import GENERATION_CONFIG_FILE, References, read_references
-from pixcell_ext.metrics import fd_sample_warning, frechet_distance, kernel_inception_distance, precision_recall
+from pixcell_ext.memorisation import memorisation_check, write_closest_pairs
 from pixcell_ext.plots import write_plots
-from pixcell_ext.probe import tstr_trtr
-from pixcell_ext.report import write_report
+from pixcell_ext.report import write_dataset_card, write_report
 from pixcell_ext.splits import arrange_tiles, select_probe_rows, split_per_class, subsample_per_class
 from pixcell_ext.tiny import TinyStack
 
 __all__ = [
     "COLOUR_HISTOGRAM",
+    "DistributionSettings",
     "ExtractorUnavailable",
     "FeatureExtractor",
     "LPIPSScorer",
+    "LPIPSSettings",
+    "ProbeSettings",
     "TileSet",
     "arrange_tiles",
     "colour_histogram_extractor",
     "compute_features",
     "dependence_warnings",
-    "distribution_metrics",
     "evaluate_feature_spaces",
+    "extract_features",
     "inception_extractor",
     "is_standin",
     "load_tile",
     "lpips_metrics",
     "lpips_report",
-    "per_class_distribution_metrics",
-    "probe_metrics",
+    "jittered_features",
+    "memorisation_report",
+    "training_features",
+    "memorisation_extractor",
+    "memorisation_section",
     "provenance_notes",
     "read_references",
     "select_extractors",
@@ -70,14 +81,22 @@ __all__ = [
     "timm_extractor",
     "tiny_evaluation",
     "uni_extractor",
+    "write_dataset_card",
     "write_plots",
     "write_report",
 ]
 
-OVERALL = "overall"
+MEMORISATION_SPACES = ("timm:", "inception", "uni")  # preference order: independent encoders first
+NO_TRAINING_NOTE = "Memorisation check skipped: pass --train_data_dir (the generator's training tiles) to run it."
+NO_SPACE_NOTE = "Memorisation check skipped: no feature space with distances (timm, Inception or UNI2-h) loaded."
+NO_HELD_OUT_NOTE = (
+    "Memorisation check skipped: fewer than two real probe test tiles are outside --train_data_dir, so there is no "
+    "held-out scale to compare with (pass a --real_test_dir the generator was not trained on)."
+)
 
 GENERAL_NOTES = [
-    "'overall' pools all classes, so it also reflects differences between the real and synthetic class proportions.",
+    "Distribution metrics compare equal numbers of real and synthetic tiles per class (the larger side subsampled, "
+    "repeated draws averaged); 'overall' keeps those per-class counts, so class proportions match too.",
     "NCT-CRC-HE is separable by colour alone: a TSTR score means something only where it beats the colour_histogram "
     "probe.",
 ]
@@ -98,87 +117,6 @@ SAME_PATIENT_SPLIT_NOTE = (
     "and slides; a same-patient split overestimates TRTR and TSTR. Use a held-out set from other patients "
     "(CRC-VAL-HE-7K for NCT-CRC-HE-100K) as --real_test_dir."
 )
-
-
-def distribution_metrics(
-    real: np.ndarray,
-    synthetic: np.ndarray,
-    *,
-    kid_subsets: int,
-    pr_k: int,
-    seed: int,
-    device: torch.device | str = "cpu",
-) -> tuple[dict[str, Any], list[str]]:
-    """FD, KID and k-NN precision/recall of one real/synthetic pair of feature sets, plus warning texts.
-
-    A metric the sample sizes cannot support is None (with a warning) rather than an error, so one tiny class does
-    not stop the report. The KID subset size is 1000 (the usual value) or, for smaller classes, half the smaller
-    set: subsets of every image would all be the same, and their spread (``kid_std``) would say nothing.
-    """
-    n_real, n_syn, dim = real.shape[0], synthetic.shape[0], real.shape[1]
-    result: dict[str, Any] = {"n_real": n_real, "n_synthetic": n_syn, "dim": dim}
-    notes: list[str] = []
-    if min(n_real, n_syn) >= 2:
-        result["fd"] = frechet_distance(real, synthetic)
-        fd_warning = fd_sample_warning(min(n_real, n_syn), dim)
-        result["fd_warning"] = fd_warning
-        notes += [fd_warning] if fd_warning else []
-        subset = min(1000, max(2, min(n_real, n_syn) // 2))
-        result["kid_mean"], result["kid_std"] = kernel_inception_distance(
-            real, synthetic, subset_size=subset, num_subsets=kid_subsets, seed=seed, device=device
-        )
-        result["kid_subset_size"] = subset
-    else:
-        result.update(fd=None, fd_warning=None, kid_mean=None, kid_std=None, kid_subset_size=None)
-        notes.append(f"FD and KID need at least 2 images on each side, got real={n_real}, synthetic={n_syn}")
-    if min(n_real, n_syn) > pr_k:
-        result["precision"], result["recall"] = precision_recall(real, synthetic, k=pr_k, device=device)
-    else:
-        result.update(precision=None, recall=None)
-        notes.append(f"precision/recall with k={pr_k} need more than {pr_k} images on each side")
-    return result, notes
-
-
-def per_class_distribution_metrics(
-    real: np.ndarray,
-    real_labels: Sequence[str],
-    synthetic: np.ndarray,
-    synthetic_labels: Sequence[str],
-    classes: Sequence[str],
-    *,
-    kid_subsets: int,
-    pr_k: int,
-    seed: int,
-    device: torch.device | str = "cpu",
-) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """`distribution_metrics` for every class and for all classes pooled (key ``"overall"``), with warnings."""
-    real_labels, synthetic_labels = np.asarray(real_labels), np.asarray(synthetic_labels)
-    results, notes = {}, []
-    for name in [*classes, OVERALL]:
-        pick_real = np.ones(len(real_labels), bool) if name == OVERALL else real_labels == name
-        pick_syn = np.ones(len(synthetic_labels), bool) if name == OVERALL else synthetic_labels == name
-        results[name], found = distribution_metrics(
-            real[pick_real], synthetic[pick_syn], kid_subsets=kid_subsets, pr_k=pr_k, seed=seed, device=device
-        )
-        notes += [f"{name}: {text}" for text in found]
-    return results, notes
-
-
-def probe_metrics(
-    features: np.ndarray,
-    labels: Sequence[str],
-    rows: dict[str, Sequence[int]],
-    *,
-    seed: int,
-) -> dict[str, dict[str, Any]]:
-    """TSTR and TRTR linear probes; ``rows`` picks the ``real_train``, ``real_test`` and ``synthetic`` rows."""
-    labels = np.asarray(labels)
-
-    def pair(name: str) -> tuple[np.ndarray, np.ndarray]:
-        picked = np.asarray(rows[name], dtype=np.int64)
-        return features[picked], labels[picked]
-
-    return tstr_trtr(pair("real_train"), pair("real_test"), pair("synthetic"), seed=seed)
 
 
 def dependence_warnings(
@@ -215,25 +153,168 @@ def dependence_warnings(
     return found
 
 
+def extract_features(
+    accelerator: Accelerator,
+    extractors: Sequence[FeatureExtractor],
+    paths: Sequence[Path],
+    digests: Sequence[str],
+    cache_dir: str | os.PathLike,
+    *,
+    batch_size: int,
+    num_workers: int,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Features of ``paths`` per extractor (main process; empty elsewhere) and the extractors skipped, with why.
+
+    Every process must call this (the cache fill has barriers); an unavailable extractor is skipped on all alike.
+    """
+    features, skipped = {}, {}
+    for extractor in extractors:
+        try:
+            matrix = compute_features(
+                accelerator, extractor, paths, digests, cache_dir, batch_size=batch_size, num_workers=num_workers
+            )
+        except ExtractorUnavailable as error:
+            skipped[extractor.name] = str(error)
+            continue
+        if matrix is not None:
+            features[extractor.name] = matrix
+    return features, skipped
+
+
+def jittered_features(
+    accelerator: Accelerator,
+    extractors: Sequence[FeatureExtractor],
+    skipped: dict[str, str],
+    tiles: TileSet,
+    synthetic_rows: Sequence[int],
+    digests: Sequence[str],
+    **extract: Any,
+) -> dict[str, np.ndarray]:
+    """Features of the colour-jittered synthetic tiles (for ``TSTR_colour_jitter``), keyed by the jittered
+    extractor's name, one row per tile of ``tiles`` (rows other than ``synthetic_rows`` are zero, never read)."""
+    twins = [colour_jittered(e) for e in extractors if e.name not in skipped]
+    paths, keys = [tiles.paths[i] for i in synthetic_rows], [digests[i] for i in synthetic_rows]
+    computed, _ = extract_features(accelerator, twins, paths, keys, **extract)
+    full = {}
+    for name, matrix in computed.items():
+        full[name] = np.zeros((len(tiles.paths), matrix.shape[1]), dtype=matrix.dtype)
+        full[name][list(synthetic_rows)] = matrix
+    return full
+
+
+def training_features(
+    accelerator: Accelerator, extractor: FeatureExtractor, training: TileSet, **extract: Any
+) -> tuple[np.ndarray | None, list[str]]:
+    """Features of the generator's training tiles in the memorisation space (None off the main process) and their
+    content digests."""
+    digests = hash_files(accelerator, training.paths)
+    features, _ = extract_features(accelerator, [extractor], training.paths, digests, **extract)
+    return features.get(extractor.name), digests
+
+
+def memorisation_extractor(
+    extractors: Sequence[FeatureExtractor], skipped: dict[str, str]
+) -> FeatureExtractor | None:
+    """The space for the memorisation check: an independent encoder when there is one, else UNI2-h (with a note)."""
+    available = [e for e in extractors if e.name not in skipped and e.distribution_metrics]
+    for prefix in MEMORISATION_SPACES:
+        for extractor in available:
+            if extractor.name.startswith(prefix):
+                return extractor
+    return None
+
+
+def memorisation_section(
+    extractor: FeatureExtractor,
+    generated: np.ndarray,
+    training: np.ndarray,
+    held_out: np.ndarray,
+    generated_paths: Sequence[Path],
+    training_paths: Sequence[Path],
+    pairs_path: Path,
+    *,
+    confidence: float,
+) -> tuple[dict[str, Any], list[str]]:
+    """The report's ``memorisation`` section, the closest-pairs image, and warnings (copies found, a UNI-only check)."""
+    result = memorisation_check(generated, training, held_out, confidence=confidence)
+    distances, nearest = result.pop("generated_distances"), result.pop("nearest_training_rows")
+    result["feature_space"] = extractor.name
+    result["pairs_image"] = str(write_closest_pairs(pairs_path, generated_paths, training_paths, distances, nearest))
+    found = []
+    if extractor.name == "uni":
+        found.append(
+            "Memorisation measured in UNI2-h space, which conditions the generator: pass an independent encoder "
+            "(--timm_encoder) for a check the generator could not have been steered towards."
+        )
+    if result["flagged"]:
+        share = result["possible_copies"]["value"]
+        found.append(
+            f"Possible copies of training tiles: {share:.1%} of the generated tiles are closer to a training tile than "
+            f"99 % of held-out real tiles are (about 1 % expected, p = {result['p_value']:.2g}); look at "
+            f"{result['pairs_image']}."
+        )
+    return result, found
+
+
+def memorisation_report(
+    extractor: FeatureExtractor | None,
+    features: dict[str, np.ndarray],
+    training_features: tuple[np.ndarray | None, list[str]] | None,
+    tiles: TileSet,
+    rows: dict[str, Sequence[int]],
+    digests: Sequence[str],
+    training: TileSet | None,
+    pairs_path: Path,
+    *,
+    confidence: float,
+) -> tuple[dict[str, Any], list[str]]:
+    """The ``memorisation`` section (or ``{"skipped": reason}``) and its warnings.
+
+    Held-out tiles are the probe test tiles (``--real_test_dir``) or the real tiles, minus any whose bytes are in the
+    training set: a training tile's distance to itself is 0 and would lower the threshold to nothing.
+    """
+    if training is None:
+        return {"skipped": NO_TRAINING_NOTE}, []
+    if extractor is None or training_features is None or training_features[0] is None:
+        return {"skipped": NO_SPACE_NOTE}, []
+    training_matrix, training_digests = training_features[0], set(training_features[1])
+    held_out = [i for i in rows["real_test"] if digests[i] not in training_digests]
+    if len(held_out) < 2:
+        return {"skipped": NO_HELD_OUT_NOTE}, []
+    matrix, synthetic = features[extractor.name], list(rows["synthetic"])
+    return memorisation_section(
+        extractor,
+        matrix[synthetic],
+        training_matrix,
+        matrix[held_out],
+        [tiles.paths[i] for i in synthetic],
+        training.paths,
+        pairs_path,
+        confidence=confidence,
+    )
+
+
 def evaluate_feature_spaces(
     extractors: Sequence[FeatureExtractor],
     features: dict[str, np.ndarray],
+    jittered: dict[str, np.ndarray],
     tiles: TileSet,
     distribution_rows: dict[str, Sequence[int]],
     probe_rows: dict[str, Sequence[int]] | None,
     classes: Sequence[str],
+    distribution_settings: DistributionSettings,
+    probe_settings: ProbeSettings,
     *,
-    kid_subsets: int,
-    pr_k: int,
-    seed: int,
     device: torch.device | str = "cpu",
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Per feature space: distribution metrics (``real`` vs ``synthetic`` rows of ``tiles``) and the probes.
+    """Per feature space: matched distribution metrics, the probes and the low-data curve, all with intervals.
 
-    ``features[name]`` holds one row per tile of ``tiles``. ``probe_rows`` (``real_train``, ``real_test``,
-    ``synthetic``) is None when the probes cannot run. Returns the report's ``extractors`` section and warnings.
+    ``features[name]`` holds one row per tile of ``tiles``; ``jittered[name]`` likewise (only synthetic rows are
+    read). ``probe_rows`` (see `splits.select_probe_rows`) is None when the probes cannot run. Returns the report's
+    ``extractors`` section and its warnings (one for all groups where FD rests on too few tiles).
     """
-    results, warnings_out = {}, []
+    results, warnings_out, distributions = {}, [], {}
+    real, syn = list(distribution_rows["real"]), list(distribution_rows["synthetic"])
     for extractor in extractors:
         if extractor.name not in features:
             continue
@@ -246,22 +327,25 @@ def evaluate_feature_spaces(
             "random_weights": extractor.random_weights,
         }
         if extractor.distribution_metrics:
-            real, syn = list(distribution_rows["real"]), list(distribution_rows["synthetic"])
-            entry["distribution"], found = per_class_distribution_metrics(
+            entry["distribution"], found = per_class_matched_metrics(
                 matrix[real],
                 [tiles.labels[i] for i in real],
                 matrix[syn],
                 [tiles.labels[i] for i in syn],
                 classes,
-                kid_subsets=kid_subsets,
-                pr_k=pr_k,
-                seed=seed,
+                distribution_settings,
                 device=device,
             )
+            distributions[extractor.name] = entry["distribution"]
             warnings_out += [f"[{extractor.name}] {text}" for text in found]
-        entry["probe"] = probe_metrics(matrix, tiles.labels, probe_rows, seed=seed) if probe_rows else None
+        entry["probe"], entry["low_data"] = None, None
+        if probe_rows:
+            twin = jittered.get(f"{extractor.name}+colour-jitter")
+            entry["probe"] = probe_results(matrix, tiles.labels, probe_rows, probe_settings, jittered_synthetic=twin)
+            entry["low_data"] = low_data_curve(matrix, tiles.labels, probe_rows, probe_settings)
         results[extractor.name] = entry
-    return results, warnings_out
+    warning = small_sample_warning(distributions)
+    return results, warnings_out + ([warning] if warning else [])
 
 
 def synthetic_provenance(synthetic_dir: str | os.PathLike) -> dict[str, Any]:
@@ -298,6 +382,8 @@ def tiny_evaluation(stack: TinyStack) -> dict[str, Any]:
         "batch_size": 8,
         "dataloader_num_workers": 0,
         "kid_subsets": 20,
+        "matched_draws": 2,
+        "bootstrap_replicates": 50,
     }
 
 

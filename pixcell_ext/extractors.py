@@ -281,6 +281,40 @@ def colour_histogram_extractor(bins: int = 8) -> FeatureExtractor:
     )
 
 
+def colour_jittered(extractor: FeatureExtractor, strength: float = 0.2) -> FeatureExtractor:
+    """The same network on colour-jittered tiles, for the TSTR variant that a colour shortcut cannot carry.
+
+    Each tile gets a per-channel gain in [1 - s, 1 + s] and shift in [-100 s, 100 s] (0-255 units), drawn from a
+    generator seeded by the tile's own pixels, so the features are a pure function of the file and stay cacheable.
+    """
+
+    def load(device: torch.device) -> Callable[[Tensor], Tensor]:
+        extractor.load(device)
+
+        def forward(images: Tensor) -> Tensor:
+            gains, shifts = [], []
+            for image in images.cpu():
+                seed = int.from_bytes(hashlib.sha256(image.numpy().tobytes()).digest()[:8], "little")
+                generator = torch.Generator().manual_seed(seed)
+                gains.append(1.0 + strength * (2.0 * torch.rand(3, generator=generator) - 1.0))
+                shifts.append(100.0 * strength * (2.0 * torch.rand(3, generator=generator) - 1.0))
+            gain = torch.stack(gains).view(-1, 3, 1, 1).to(images.device)
+            shift = torch.stack(shifts).view(-1, 3, 1, 1).to(images.device)
+            return extractor.extract((images.float() * gain + shift).round().clamp(0, 255).to(torch.uint8))
+
+        return forward
+
+    return FeatureExtractor(
+        f"{extractor.name}+colour-jitter",
+        f"{extractor.identity}|colour-jitter-v1|{strength}",
+        extractor.image_size,
+        f"{extractor.description}, on colour-jittered tiles (strength {strength})",
+        load,
+        random_weights=extractor.random_weights,
+        distribution_metrics=False,
+    )
+
+
 def select_extractors(
     names: Sequence[str],
     *,

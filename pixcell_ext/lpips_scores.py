@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ from torch import Tensor
 
 from pixcell_ext.extractors import load_state_dict_file
 from pixcell_ext.feature_store import TileSet, load_tile
+from pixcell_ext.intervals import bootstrap_mean
 from pixcell_ext.manifest import References
-from pixcell_ext.metrics import mean_pairwise
+from pixcell_ext.metrics import pairwise_values
 
 OVERALL = "overall"
 
@@ -59,54 +61,71 @@ class LPIPSScorer:
         return out.reshape(-1).double().cpu().numpy()
 
 
+@dataclass(frozen=True)
+class LPIPSSettings:
+    """Pairs per class, batch size, bootstrap replicates over pairs, interval level and seed."""
+
+    max_pairs: int = 1000
+    batch_size: int = 64
+    replicates: int = 200
+    confidence: float = 0.95
+    seed: int = 0
+
+
 def lpips_metrics(
     scorer: LPIPSScorer,
     synthetic: TileSet,
+    real: TileSet,
     classes: Sequence[str],
     manifest: References | None,
-    *,
-    max_pairs: int,
-    batch_size: int,
-    seed: int,
+    settings: LPIPSSettings,
 ) -> dict[str, dict[str, Any]]:
-    """Per class: LPIPS diversity (mean over distinct pairs of generated tiles of the class; collapse -> 0) and
-    fidelity (each generated tile against the reference tile it was conditioned on, from the manifest).
+    """Per class, three LPIPS means with intervals, each read against the one beside it:
 
-    ``overall`` holds the mean of the per-class diversities (pairs across classes would measure class differences,
-    not diversity) and the fidelity over every referenced tile.
+    - ``generated_pairs``: distinct pairs of generated tiles of the class (diversity; a collapsed generator -> 0);
+    - ``real_pairs``: distinct pairs of real tiles of the class: the diversity a faithful generator should match,
+      and the scale of "two unrelated tiles of this class" for the next one;
+    - ``generated_to_reference``: each generated tile against the reference it was conditioned on (manifest). A
+      UNI-conditioned sample does not share its reference's layout, so this is near ``real_pairs``, not near 0;
+      clearly below it means the generator reproduces its references.
+    ``overall`` averages the per-class pair means (cross-class pairs would measure class differences) and pools the
+    reference distances.
     """
+    common = {"replicates": settings.replicates, "seed": settings.seed, "confidence": settings.confidence}
+
+    def pair_values(paths: list[Path]) -> np.ndarray:
+        if len(paths) < 2:
+            return np.empty(0)
+        return pairwise_values(
+            scorer.distances, paths, max_pairs=settings.max_pairs, batch_size=settings.batch_size, seed=settings.seed
+        )
+
     results: dict[str, dict[str, Any]] = {}
-    all_fidelity: list[np.ndarray] = []
+    pooled: list[np.ndarray] = []
     for name in classes:
-        paths = [p for p, label in zip(synthetic.paths, synthetic.labels, strict=True) if label == name]
-        entry: dict[str, Any] = {"diversity_mean": None, "diversity_std": None, "fidelity_mean": None}
-        entry.update(fidelity_std=None, n_fidelity_pairs=0)
-        if len(paths) >= 2:
-            entry["diversity_mean"], entry["diversity_std"] = mean_pairwise(
-                scorer.distances, paths, max_pairs=max_pairs, batch_size=batch_size, seed=seed
-            )
-        pairs = [(p, manifest.references.get(p.resolve())) for p in paths] if manifest else []
+        generated = [p for p, label in zip(synthetic.paths, synthetic.labels, strict=True) if label == name]
+        real_paths = [p for p, label in zip(real.paths, real.labels, strict=True) if label == name]
+        pairs = [(p, manifest.references.get(p.resolve())) for p in generated] if manifest else []
         pairs = [(p, r) for p, r in pairs if r is not None]
-        if pairs:
-            values = np.concatenate(
-                [
-                    scorer.distances(*zip(*pairs[start : start + batch_size], strict=True))
-                    for start in range(0, len(pairs), batch_size)
-                ]
-            )
-            all_fidelity.append(values)
-            entry.update(fidelity_mean=float(values.mean()), fidelity_std=float(values.std()))
-            entry["n_fidelity_pairs"] = len(pairs)
-        results[name] = entry
-    diversities = [e["diversity_mean"] for e in results.values() if e["diversity_mean"] is not None]
-    pooled = np.concatenate(all_fidelity) if all_fidelity else None
-    results[OVERALL] = {
-        "diversity_mean": float(np.mean(diversities)) if diversities else None,
-        "diversity_std": None,
-        "fidelity_mean": float(pooled.mean()) if pooled is not None else None,
-        "fidelity_std": float(pooled.std()) if pooled is not None else None,
-        "n_fidelity_pairs": 0 if pooled is None else int(pooled.shape[0]),
-    }
+        to_reference = np.concatenate(
+            [np.empty(0)]
+            + [
+                scorer.distances(*zip(*pairs[start : start + settings.batch_size], strict=True))
+                for start in range(0, len(pairs), settings.batch_size)
+            ]
+        )
+        pooled.append(to_reference)
+        results[name] = {
+            "generated_pairs": bootstrap_mean(pair_values(generated), **common),
+            "real_pairs": bootstrap_mean(pair_values(real_paths), **common),
+            "generated_to_reference": bootstrap_mean(to_reference, **common),
+        }
+    overall: dict[str, Any] = {}
+    for key in ("generated_pairs", "real_pairs"):
+        values = [results[c][key]["value"] for c in classes if results[c][key]["value"] is not None]
+        overall[key] = bootstrap_mean(values, **common)  # interval over classes
+    overall["generated_to_reference"] = bootstrap_mean(np.concatenate([np.empty(0), *pooled]), **common)
+    results[OVERALL] = overall
     return results
 
 
@@ -115,12 +134,11 @@ def lpips_report(
     net: str,
     resolution: int,
     synthetic: TileSet,
+    real: TileSet,
     classes: Sequence[str],
     manifest: References | None,
+    settings: LPIPSSettings,
     *,
-    max_pairs: int,
-    batch_size: int,
-    seed: int,
     device: torch.device | str = "cpu",
 ) -> tuple[dict[str, Any], list[str]]:
     """The report's ``lpips`` section and notes; LPIPS is skipped (with a note) when no backbone file is given."""
@@ -131,7 +149,5 @@ def lpips_report(
     if manifest is not None and manifest.unresolved:
         notes.append(f"{len(manifest.unresolved)} manifest references were not found, e.g. '{manifest.unresolved[0]}'.")
     scorer = LPIPSScorer(backbone, net, size=resolution, device=device)
-    per_class = lpips_metrics(
-        scorer, synthetic, classes, manifest, max_pairs=max_pairs, batch_size=batch_size, seed=seed
-    )
+    per_class = lpips_metrics(scorer, synthetic, real, classes, manifest, settings)
     return {"net": net, "backbone": str(backbone), "resolution": resolution, "per_class": per_class}, notes

@@ -9,6 +9,7 @@ Fréchet distance, whose finite-sample bias depends on N) the same number of ima
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ __all__ = [
     "frechet_distance_from_stats",
     "kernel_inception_distance",
     "mean_pairwise",
+    "density_coverage",
+    "fast_frechet_distance",
+    "mmd2_unbiased",
+    "pairwise_values",
     "precision_recall",
 ]
 
@@ -340,20 +345,103 @@ def precision_recall(
     return precision, recall
 
 
+def density_coverage(
+    real: ArrayLike,
+    fake: ArrayLike,
+    *,
+    k: int = 5,
+    batch_size: int = 1024,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[float, float]:
+    """Density and coverage (Naeem et al. 2020); returns (density, coverage).
+
+    Both use only the real k-NN balls (radius: distance to the k-th nearest other real sample), so a few outlying
+    fakes cannot inflate them the way they inflate the fake manifold of recall. Density = (1 / kM) x the number of
+    (fake, real ball) pairs with the fake inside the ball: about 1 when fakes are distributed like the reals, above
+    1 when they crowd into dense real regions, below when they fall outside. Coverage = fraction of real balls that
+    hold at least one fake: how much of the real distribution the generator reaches (in [0, 1]). k = 5 is the
+    paper's default.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    x = _as_tensor(real, "real", dtype, device)
+    y = _as_tensor(fake, "fake", dtype, device)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dimensions differ: real {x.shape[1]}, fake {y.shape[1]}")
+    if x.shape[0] <= k or y.shape[0] < 1:
+        raise ValueError(
+            f"density/coverage need more than k={k} real samples and one fake, got {x.shape[0]} and {y.shape[0]}"
+        )
+    centre = x.mean(dim=0, keepdim=True)
+    x, y = x - centre, y - centre
+    with torch.no_grad():
+        radii = _knn_radii_sq(x, k, batch_size)
+        x_sq = (x * x).sum(dim=1)
+        inside_count, covered = 0, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for start in range(0, y.shape[0], batch_size):
+            inside = _squared_distances(y[start : start + batch_size], x, x_sq) <= radii.unsqueeze(0)
+            inside_count += int(inside.sum())
+            covered |= inside.any(dim=0)
+    return inside_count / (k * y.shape[0]), int(covered.sum()) / x.shape[0]
+
+
+def fast_frechet_distance(real: ArrayLike, fake: ArrayLike, *, device: torch.device | str | None = None) -> float:
+    """The value of `frechet_distance` on two feature sets, fast enough for bootstrap loops (float64 throughout).
+
+    With centred features X [n, d], Y [m, d], the covariances are X^T X / (n-1) and Y^T Y / (m-1), and
+    tr sqrt(S_x S_y) is the sum of the singular values of X Y^T / sqrt((n-1)(m-1)) (the nonzero eigenvalues of
+    S_x S_y are those of (X Y^T)(X Y^T)^T over the same constant). That needs an [n, m] SVD instead of a general
+    [d, d] matrix square root; when both sets are larger than d, the symmetric route S_x^1/2 S_y S_x^1/2 is used.
+    Both are exact (no eps, no imaginary parts to discard).
+    """
+    x = _as_tensor(real, "real", torch.float64, device)
+    y = _as_tensor(fake, "fake", torch.float64, device)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dimensions differ: real {x.shape[1]}, fake {y.shape[1]}")
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    if min(n, m) < 2:
+        raise ValueError(f"need at least 2 samples on each side, got real={n}, fake={m}")
+    mean_x, mean_y = x.mean(dim=0), y.mean(dim=0)
+    xc, yc = x - mean_x, y - mean_y
+    trace_x, trace_y = (xc * xc).sum() / (n - 1), (yc * yc).sum() / (m - 1)
+    if min(n, m) <= d:
+        tr_covmean = torch.linalg.svdvals(xc @ yc.T).sum() / math.sqrt((n - 1) * (m - 1))
+    else:
+        values, vectors = torch.linalg.eigh(xc.T @ xc / (n - 1))
+        root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+        inner = root @ (yc.T @ yc / (m - 1)) @ root
+        tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    diff = mean_x - mean_y
+    return float(diff @ diff + trace_x + trace_y - 2.0 * tr_covmean)
+
+
+def mmd2_unbiased(real: ArrayLike, fake: ArrayLike, *, device: torch.device | str | None = None) -> float:
+    """KID's unbiased MMD² (cubic polynomial kernel) on two whole sets: one estimate, no subsets.
+
+    For the small matched sets of a class the whole-set estimate has the lowest variance; memory is O(n²).
+    """
+    x = _as_tensor(real, "real", torch.float64, device)
+    y = _as_tensor(fake, "fake", torch.float64, device)
+    if min(x.shape[0], y.shape[0]) < 2:
+        raise ValueError(f"MMD² needs at least 2 samples on each side, got real={x.shape[0]}, fake={y.shape[0]}")
+    return float(_polynomial_mmd2_unbiased(x, y))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Pairwise-distance diversity (e.g. LPIPS diversity; the distance model itself lives elsewhere)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def mean_pairwise(
+def pairwise_values(
     distance_fn: Callable[[Any, Any], Tensor | np.ndarray | Sequence[float]],
     items: Tensor | Sequence[Any],
     *,
     max_pairs: int = 1000,
     batch_size: int = 64,
     seed: int = 0,
-) -> tuple[float, float]:
-    """Mean and standard deviation of ``distance_fn`` over distinct pairs of ``items``; returns (mean, std).
+) -> np.ndarray:
+    """``distance_fn`` over distinct pairs of ``items``: one float64 value per pair.
 
     Used for within-set diversity (mean LPIPS between pairs of generated images of one class: a collapsed generator
     scores near 0). ``distance_fn(a, b)`` receives two equally long batches (tensors stacked from ``items`` when
@@ -392,5 +480,17 @@ def mean_pairwise(
         if out.shape[0] != len(bi):
             raise ValueError(f"distance_fn returned {out.shape[0]} values for {len(bi)} pairs")
         values.append(out)
-    all_values = np.concatenate(values)
-    return float(all_values.mean()), float(all_values.std())
+    return np.concatenate(values)
+
+
+def mean_pairwise(
+    distance_fn: Callable[[Any, Any], Tensor | np.ndarray | Sequence[float]],
+    items: Tensor | Sequence[Any],
+    *,
+    max_pairs: int = 1000,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Mean and standard deviation of `pairwise_values`; returns (mean, std)."""
+    values = pairwise_values(distance_fn, items, max_pairs=max_pairs, batch_size=batch_size, seed=seed)
+    return float(values.mean()), float(values.std())

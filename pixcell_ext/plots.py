@@ -22,11 +22,18 @@ def _save_figure(figure, path: Path) -> None:
     write_bytes_atomically(path, buffer.getvalue())
 
 
-PLOT_LABELS = {"fd": "Fréchet distance", "kid_mean": "KID (mean, bars: std over subsets)"}
+PLOT_LABELS = {"fd": "Fréchet distance", "kid": "KID", "density": "density", "coverage": "coverage"}
+
+
+def _errors(entries: list[dict[str, Any]]) -> np.ndarray:
+    """Asymmetric error bars (value - low, high - value); zero where there is no interval."""
+    low = [0.0 if e["low"] is None or e["value"] is None else e["value"] - e["low"] for e in entries]
+    high = [0.0 if e["high"] is None or e["value"] is None else e["high"] - e["value"] for e in entries]
+    return np.array([low, high])
 
 
 def plot_per_class_bars(report: dict[str, Any], metric: str, path: Path) -> Path | None:
-    """One panel per feature space: ``metric`` per class and pooled; hatched bars were computed on n <= dim."""
+    """One panel per feature space: ``metric`` per class and pooled, with intervals; hatched: n < 2 d (FD)."""
     from matplotlib.figure import Figure
 
     spaces = {k: v["distribution"] for k, v in report["extractors"].items() if v.get("distribution")}
@@ -36,43 +43,88 @@ def plot_per_class_bars(report: dict[str, Any], metric: str, path: Path) -> Path
     figure = Figure(figsize=(max(6.0, 0.7 * len(names) + 2), 2.8 * len(spaces)))
     axes = figure.subplots(len(spaces), 1, squeeze=False)[:, 0]
     for ax, (space, results) in zip(axes, spaces.items(), strict=True):
-        heights = [np.nan if results[n][metric] is None else results[n][metric] for n in names]  # nan: no bar
-        errors = [results[n]["kid_std"] or 0.0 for n in names] if metric == "kid_mean" else None
-        bars = ax.bar(names, heights, yerr=errors, color="tab:blue", capsize=2)
+        entries = [results[n][metric] for n in names]
+        heights = [np.nan if e["value"] is None else e["value"] for e in entries]  # nan: no bar
+        bars = ax.bar(names, heights, yerr=_errors(entries), color="tab:blue", capsize=2)
         for bar, n in zip(bars, names, strict=True):
-            if results[n].get("fd_warning") and metric == "fd":
+            if metric == "fd" and results[n]["n"] < 2 * results[n]["dim"]:
                 bar.set_hatch("//")
                 bar.set_alpha(0.6)
         bars[-1].set_color("tab:gray")
         flag = " (RANDOM WEIGHTS: smoke test only)" if report["extractors"][space]["random_weights"] else ""
-        ax.set_title(f"{PLOT_LABELS[metric]} per class, {space}{flag}", fontsize=9)
+        ax.set_title(f"{PLOT_LABELS[metric]} per class at matched n, 95 % intervals, {space}{flag}", fontsize=9)
         ax.tick_params(axis="x", labelsize=8, rotation=45)
     if metric == "fd":
         axes[0].text(
-            0.99, 0.95, "hatched: n <= dim (biased)", transform=axes[0].transAxes, ha="right", va="top", fontsize=7
+            0.99, 0.95, "hatched: n < 2 d (biased)", transform=axes[0].transAxes, ha="right", va="top", fontsize=7
         )
     figure.tight_layout()
     _save_figure(figure, path)
     return path
 
 
+PROBE_COLOURS = {"TSTR": "tab:orange", "TSTR_colour_jitter": "tab:red", "TRTR": "tab:blue", "TRTR_full": "tab:gray"}
+
+
 def plot_probe(report: dict[str, Any], path: Path) -> Path | None:
-    """Balanced accuracy of TSTR and TRTR per feature space, the colour-histogram baseline included."""
+    """Balanced accuracy with intervals of every probe per feature space, the colour-histogram baseline included."""
     from matplotlib.figure import Figure
 
     probes = {k: v["probe"] for k, v in report["extractors"].items() if v.get("probe")}
     if not probes:
         return None
-    figure = Figure(figsize=(max(5.0, 1.4 * len(probes) + 2), 3.2))
+    figure = Figure(figsize=(max(5.0, 1.8 * len(probes) + 2), 3.4))
     ax = figure.subplots()
     x = np.arange(len(probes))
-    for offset, side, colour in ((-0.2, "TSTR", "tab:orange"), (0.2, "TRTR", "tab:blue")):
-        ax.bar(x + offset, [p[side]["balanced_accuracy"] for p in probes.values()], 0.4, label=side, color=colour)
+    sides = [s for s in PROBE_COLOURS if any(s in p for p in probes.values())]
+    width = 0.8 / len(sides)
+    for i, side in enumerate(sides):
+        entries = [p[side]["balanced_accuracy_ci"] for p in probes.values()]
+        offset = (i - (len(sides) - 1) / 2) * width
+        heights = [e["value"] for e in entries]
+        ax.bar(x + offset, heights, width, yerr=_errors(entries), label=side, color=PROBE_COLOURS[side], capsize=2)
     ax.set_xticks(x, list(probes), fontsize=8, rotation=20)
     ax.set_ylim(0, 1)
     ax.set_ylabel("balanced accuracy (real test)")
-    ax.legend(fontsize=8)
-    ax.set_title("Linear probes: train on synthetic (TSTR) vs on real (TRTR)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.set_title("Linear probes: TSTR vs TRTR at equal counts; TRTR_full = every real tile (ceiling)", fontsize=9)
+    figure.tight_layout()
+    _save_figure(figure, path)
+    return path
+
+
+def plot_low_data(report: dict[str, Any], path: Path) -> Path | None:
+    """Balanced accuracy vs k real tiles per class, with and without the synthetic set, one panel per space."""
+    from matplotlib.figure import Figure
+
+    curves = {k: v["low_data"] for k, v in report["extractors"].items() if v.get("low_data")}
+    if not curves:
+        return None
+    figure = Figure(figsize=(3.2 * len(curves) + 1, 3.2))
+    axes = figure.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (space, curve) in zip(axes, curves.items(), strict=True):
+        ks = [p["k"] for p in curve["points"]]
+        for key, label, colour in (
+            ("real", "real only", "tab:blue"),
+            ("real_plus_synthetic", "+ synthetic", "tab:orange"),
+        ):
+            entries = [p[key] for p in curve["points"]]
+            ax.errorbar(
+                ks,
+                [e["value"] for e in entries],
+                yerr=_errors(entries),
+                marker="o",
+                label=label,
+                color=colour,
+                capsize=2,
+            )
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("real tiles per class (k)")
+        ax.set_title(space, fontsize=9)
+    axes[0].set_ylabel("balanced accuracy (real test)")
+    axes[0].legend(fontsize=7)
+    figure.suptitle("Low-data use: does the synthetic set help a probe with k real tiles per class?", fontsize=9)
     figure.tight_layout()
     _save_figure(figure, path)
     return path
@@ -129,11 +181,13 @@ def write_plots(
     max_points: int,
     seed: int,
 ) -> list[Path]:
-    """Per-class FD and KID bars, probe bars, and one real-vs-synthetic PCA projection per feature space."""
+    """Per-class FD, KID and coverage bars, probe bars, the low-data curve, and a PCA projection per feature space."""
     written = [
         plot_per_class_bars(report, "fd", plot_dir / "fd_per_class.png"),
-        plot_per_class_bars(report, "kid_mean", plot_dir / "kid_per_class.png"),
+        plot_per_class_bars(report, "kid", plot_dir / "kid_per_class.png"),
+        plot_per_class_bars(report, "coverage", plot_dir / "coverage_per_class.png"),
         plot_probe(report, plot_dir / "probe.png"),
+        plot_low_data(report, plot_dir / "low_data.png"),
     ]
     real, syn = list(distribution_rows["real"]), list(distribution_rows["synthetic"])
     for name, entry in report["extractors"].items():

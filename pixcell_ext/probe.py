@@ -33,8 +33,6 @@ FeatureSet = tuple[ArrayLike, Labels]
 __all__ = ["colour_histogram_features", "linear_probe", "tstr_trtr"]
 
 
-
-
 def _labels(y: Labels, n: int, name: str) -> np.ndarray:
     if isinstance(y, Tensor):
         y = y.detach().cpu().numpy()
@@ -58,6 +56,7 @@ def linear_probe(
     C: float = 1.0,
     max_iter: int = 2000,
     class_weight: str | None = "balanced",
+    return_predictions: bool = False,
 ) -> dict[str, Any]:
     """Fit a multinomial logistic regression on standardised ``train_x`` and score it on ``test_x``.
 
@@ -75,7 +74,8 @@ def linear_probe(
     - L2 penalty with ``C = 1`` and the deterministic lbfgs solver: no randomness is involved, so the same inputs
       always give the same probe (``seed`` is passed as ``random_state`` for solvers that would use it). If lbfgs
       stops at ``max_iter`` the result is still returned with ``converged = False`` instead of a warning flood.
-    Labels may be class-name strings or integer ids, but train and test must use the same kind.
+    Labels may be class-name strings or integer ids, but train and test must use the same kind. With
+    ``return_predictions`` the test predictions come back under ``predictions`` (for intervals over test tiles).
     """
     xtr = as_feature_matrix(train_x, "train_x")
     xte = as_feature_matrix(test_x, "test_x")
@@ -105,7 +105,7 @@ def linear_probe(
         balanced = balanced_accuracy_score(yte, pred)
     macro_f1 = f1_score(yte, pred, labels=test_classes, average="macro", zero_division=0)
     per_class = {c.item(): float(np.mean(pred[yte == c] == c)) for c in test_classes}
-    return {
+    result = {
         "balanced_accuracy": float(balanced),
         "macro_f1": float(macro_f1),
         "accuracy": float(np.mean(pred == yte)),
@@ -115,6 +115,9 @@ def linear_probe(
         "n_iter": int(np.max(clf.n_iter_)),
         "converged": converged,
     }
+    if return_predictions:
+        result["predictions"] = pred
+    return result
 
 
 def tstr_trtr(

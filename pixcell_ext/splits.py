@@ -71,12 +71,30 @@ def arrange_tiles(
 def select_probe_rows(
     tiles: TileSet, rows: dict[str, list[int]], max_per_class: int | None, seed: int
 ) -> dict[str, list[int]] | None:
-    """The probes' ``real_train`` / ``real_test`` / ``synthetic`` rows, both training sets capped at
-    ``max_per_class`` per class; None when a side has fewer than two classes (no probe is possible)."""
+    """The probes' rows: ``real_train`` and ``synthetic`` with the same count per class (the smaller of the two,
+    capped at ``max_per_class``), ``real_train_full`` (every real training tile, capped) and ``synthetic_all`` for
+    the ceiling and the low-data curve, and ``real_test``. None when a side has fewer than two classes."""
     picked = {"real_test": rows["real_test"]}
     for role in ("real_train", "synthetic"):
         keep = subsample_per_class(tiles.subset(rows[role]), max_per_class, seed, f"probe-{role}")
-        picked[role] = [rows[role][i] for i in keep]
+        picked[f"{role}_full" if role == "real_train" else "synthetic_all"] = [rows[role][i] for i in keep]
+    full, synthetic = tiles.subset(picked["real_train_full"]), tiles.subset(picked["synthetic_all"])
+    counts = {c: min(full.labels.count(c), synthetic.labels.count(c)) for c in set(full.labels) | set(synthetic.labels)}
+    for role, subset, source in (("real_train", full, "real_train_full"), ("synthetic", synthetic, "synthetic_all")):
+        keep = matched_subsample(subset, counts, seed, f"probe-matched-{role}")
+        picked[role] = [picked[source][i] for i in keep]
     if min(len({tiles.labels[i] for i in role_rows}) for role_rows in picked.values()) < 2:
         return None
     return picked
+
+
+def matched_subsample(tiles: TileSet, counts: dict[str, int], seed: int, tag: str) -> list[int]:
+    """Rows of exactly ``counts[c]`` tiles of each class c (seeded draw without replacement, keyed by class)."""
+    keep = []
+    for name in sorted(counts):
+        rows = [i for i, label in enumerate(tiles.labels) if label == name]
+        if counts[name] > len(rows):
+            raise ValueError(f"class {name} has {len(rows)} tiles, {counts[name]} requested")
+        order = np.random.default_rng(derived_seed(seed, tag, name)).permutation(len(rows))
+        keep.extend(rows[j] for j in order[: counts[name]])
+    return sorted(keep)

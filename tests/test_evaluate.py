@@ -22,6 +22,7 @@ from torch import nn
 from conftest import REPO
 from pixcell_ext import evaluation, features
 from pixcell_ext.data import DataError, scan_image_folder
+from pixcell_ext.distribution import matched_metrics
 from pixcell_ext.manifest import GENERATION_CONFIG_FILE, References, read_references, write_manifest
 from pixcell_ext.metrics import frechet_distance
 from pixcell_ext.testing_assets import TINY_TIMM_ENCODER, write_random_timm_encoder
@@ -116,7 +117,7 @@ def test_fd_zero_on_itself_grows_with_noise_and_matches_torchmetrics(accelerator
     assert float(fid.compute()) == pytest.approx(distances[1], abs=1e-3)
 
 
-def test_kid_near_zero_for_one_distribution_and_positive_when_shifted(timm_weights, tmp_path):
+def test_kid_interval_holds_zero_for_one_distribution_and_excludes_it_when_shifted(timm_weights, tmp_path):
     extractor = _timm(timm_weights)
 
     def tum(seed: int) -> torch.Tensor:
@@ -126,16 +127,15 @@ def test_kid_near_zero_for_one_distribution_and_positive_when_shifted(timm_weigh
     first, second = tum(0), tum(1)
     shifted = (second.float() * 0.7 + 50).clamp(0, 255).to(torch.uint8)
     reference = extractor.extract(first).numpy()
-    same, _ = evaluation.distribution_metrics(
-        reference, extractor.extract(second).numpy(), kid_subsets=100, pr_k=3, seed=0
-    )
-    moved, _ = evaluation.distribution_metrics(
-        reference, extractor.extract(shifted).numpy(), kid_subsets=100, pr_k=3, seed=0
-    )
-    assert same["kid_subset_size"] == 30  # adapted: half of the smaller set, so that subsets differ
-    assert abs(same["kid_mean"]) < 2 * same["kid_std"]
-    assert moved["kid_mean"] > 3 * moved["kid_std"] > 0
-    assert moved["kid_mean"] > 5 * abs(same["kid_mean"])
+    settings = evaluation.DistributionSettings(draws=1)
+
+    def kid(synthetic: np.ndarray) -> dict:
+        return matched_metrics(reference, ["TUM"] * 60, synthetic, ["TUM"] * 60, ["TUM"], settings)["kid"]
+
+    same, moved = kid(extractor.extract(second).numpy()), kid(extractor.extract(shifted).numpy())
+    assert same["n"] == moved["n"] == 60
+    assert same["low"] <= 0.0 <= same["high"]
+    assert moved["low"] > 0 and moved["value"] > 5 * abs(same["value"])
 
 
 def test_feature_cache_is_keyed_by_content_and_reused(accelerator, real_dir, tmp_path):
@@ -225,30 +225,35 @@ def test_tiny_preset_writes_json_csv_and_plots(tiny_stack, tmp_path, monkeypatch
         assert entry["random_weights"] is True
         assert set(entry["distribution"]) == {*report["classes"], "overall"}
         ok = entry["distribution"]["overall"]
-        assert ok["n_real"] == 36 and ok["n_synthetic"] == 36 and ok["kid_subset_size"] == 18
-        assert 0.0 <= ok["precision"] <= 1.0 and 0.0 <= ok["recall"] <= 1.0
-        assert {"TSTR", "TRTR"} == set(entry["probe"])
-    # 4 real tiles per class in 32-d (UNI) and 64-d (timm) features: every per-class FD carries the warning.
-    assert report["extractors"]["uni"]["distribution"]["ADI"]["fd_warning"]
-    assert report["extractors"][f"timm:{TIMM}"]["distribution"]["overall"]["fd_warning"]  # 36 <= 64
-    assert report["extractors"]["uni"]["distribution"]["overall"]["fd_warning"] is None  # 36 > 32
-    assert sum("Fréchet distance computed on 4 samples" in w for w in report["warnings"]) == 18
+        assert ok["n"] == 36 and ok["n_per_class"] == dict.fromkeys(report["classes"], 4)
+        for metric in ("fd", "kid", "precision", "recall", "density", "coverage"):
+            assert ok[metric]["n"] == 36 and ok[metric]["low"] <= ok[metric]["value"] <= ok[metric]["high"], metric
+        assert {"TSTR", "TRTR", "TRTR_full", "TSTR_colour_jitter"} == set(entry["probe"])
+        assert all(p["balanced_accuracy_ci"]["n"] == 18 for p in entry["probe"].values())
+        assert [p["k"] for p in entry["low_data"]["points"]] == [2]  # 2 real training tiles per class
+    # 4 tiles per class in 32-d (UNI) and 64-d (timm) features: one warning names every such group and points to KID.
+    small = [w for w in report["warnings"] if w.startswith("FD rests on fewer than 2 d tiles")]
+    assert len(small) == 1 and "uni ADI (n=4, d=32)" in small[0] and "read KID" in small[0]
     notes = " ".join(report["notes"])
     assert "flatter" in notes and "RANDOM weights" in notes and "smoke test" in notes and "LPIPS skipped" in notes
     assert report["synthetic_is_standin"] is True and "stand-in" in notes
+    assert "--train_data_dir" in report["memorisation"]["skipped"]
     assert report["lpips"] == {"skipped": report["lpips"]["skipped"]}
+    card = (out / "DATASET_CARD.md").read_text()
+    assert "UNI2-h's terms" in card and "commercial" in card and "| uni |" in card and "STAND-IN" in card
 
     with open(out / "per_class_metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(report["extractors"]) * 10
-    assert rows[0]["extractor"] == "uni" and rows[0]["class"] == "ADI" and rows[0]["fd_warning"] == "True"
-    assert len(report["plots"]) == 5
+    assert rows[0]["extractor"] == "uni" and rows[0]["class"] == "ADI" and rows[0]["n"] == "4"
+    assert float(rows[0]["kid_low"]) <= float(rows[0]["kid"]) <= float(rows[0]["kid_high"])
+    assert "plots/low_data.png" in report["plots"] and len(report["plots"]) == 7
     for plot in report["plots"]:
         with Image.open(out / plot) as image:
             assert image.format == "PNG" and image.size[0] > 300
             image.verify()
 
-    assert len(list(out.glob("feature_cache/*/shard-*.safetensors"))) == 3  # uni, timm, colour histogram
+    assert len(list(out.glob("feature_cache/*/shard-*.safetensors"))) == 6  # uni, timm, colour histogram, jittered
 
 
 def test_tiny_preset_on_another_synthetic_set_does_not_call_it_a_standin_and_warns_once_without_manifest(
@@ -375,18 +380,25 @@ def test_lpips_diversity_and_fidelity_follow_the_manifest(real_dir, tmp_path):
     assert manifest.unresolved == [] and sum(r is None for r in manifest.references.values()) == 1
 
     scorer = evaluation.LPIPSScorer(backbone, "alex", size=SIZE)
-    kwargs = {"max_pairs": 1000, "batch_size": 8, "seed": 0}
-    result = evaluation.lpips_metrics(scorer, synthetic, ["ADI", "TUM"], manifest, **kwargs)
-    assert result["ADI"]["n_fidelity_pairs"] == 6 and result["TUM"]["n_fidelity_pairs"] == 5
-    assert result["ADI"]["fidelity_mean"] == 0.0 and result["overall"]["fidelity_mean"] == 0.0
-    assert result["ADI"]["diversity_mean"] > 0 and result["TUM"]["diversity_mean"] > 0
+    settings = evaluation.LPIPSSettings(max_pairs=1000, batch_size=8, replicates=50)
+    real = evaluation.TileSet.from_index(scan_image_folder(real_dir))
+    result = evaluation.lpips_metrics(scorer, synthetic, real, ["ADI", "TUM"], manifest, settings)
+    assert result["ADI"]["generated_to_reference"]["n"] == 6 and result["TUM"]["generated_to_reference"]["n"] == 5
+    assert result["ADI"]["generated_to_reference"]["value"] == 0.0
+    assert result["overall"]["generated_to_reference"] == {"value": 0.0, "low": 0.0, "high": 0.0, "n": 11}
+    for cls in ("ADI", "TUM"):
+        generated, baseline = result[cls]["generated_pairs"], result[cls]["real_pairs"]
+        assert generated["n"] == baseline["n"] == 15 and generated["low"] <= generated["value"] <= generated["high"]
+        assert generated["value"] == pytest.approx(baseline["value"])  # the copies are as diverse as the originals
+        assert generated["value"] > 0
 
-    # Rotating the references within a class pairs every tile with another one: fidelity is no longer zero.
+    # Rotating the references within a class pairs every tile with another one: its distance to the reference is
+    # then that of a random real pair of the class, its baseline.
     shifted = {}
     for cls in ("ADI", "TUM"):
         keys = [p for p in manifest.references if p.parent.name == cls]
         values = [manifest.references[p] for p in keys]
         shifted.update(zip(keys, values[1:] + values[:1], strict=True))
-    rotated = evaluation.lpips_metrics(scorer, synthetic, ["ADI"], References(shifted, []), **kwargs)
-    assert rotated["ADI"]["fidelity_mean"] > 0.0
-    assert rotated["ADI"]["diversity_mean"] == result["ADI"]["diversity_mean"]
+    rotated = evaluation.lpips_metrics(scorer, synthetic, real, ["ADI"], References(shifted, []), settings)
+    assert rotated["ADI"]["generated_to_reference"]["value"] > 0.0
+    assert rotated["ADI"]["generated_pairs"] == result["ADI"]["generated_pairs"]

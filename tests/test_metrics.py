@@ -13,11 +13,14 @@ from torch import nn
 from pixcell_ext import metrics
 from pixcell_ext.metrics import (
     FeatureStats,
+    density_coverage,
+    fast_frechet_distance,
     fd_sample_warning,
     frechet_distance,
     frechet_distance_from_stats,
     kernel_inception_distance,
     mean_pairwise,
+    mmd2_unbiased,
     precision_recall,
 )
 
@@ -274,6 +277,47 @@ def test_precision_recall_batching_invariance_and_brute_force() -> None:
         assert (p, r) == pytest.approx(expected, abs=1e-12)
     with pytest.raises(ValueError):
         precision_recall(x[:3], y, k=3)
+
+
+def _brute_force_density_coverage(x: np.ndarray, y: np.ndarray, k: int) -> tuple[float, float]:
+    """Naeem et al. 2020 written as the paper's sums, with explicit loops."""
+    radii = []
+    for i in range(len(x)):
+        others = sorted(float(np.linalg.norm(x[i] - x[j])) for j in range(len(x)) if j != i)
+        radii.append(others[k - 1])
+    inside = [[float(np.linalg.norm(y[j] - x[i])) <= radii[i] for i in range(len(x))] for j in range(len(y))]
+    density = sum(sum(row) for row in inside) / (k * len(y))
+    coverage = sum(any(inside[j][i] for j in range(len(y))) for i in range(len(x))) / len(x)
+    return density, coverage
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_density_coverage_equal_brute_force(k: int) -> None:
+    rng = np.random.default_rng(k)
+    x, y = rng.normal(size=(60, 4)), rng.normal(0.4, 1.3, size=(45, 4))
+    expected = _brute_force_density_coverage(x, y, k)
+    assert 0.05 < expected[1] < 0.99  # not a degenerate case
+    for batch_size in (7, 1024):
+        got = density_coverage(x, y, k=k, batch_size=batch_size, dtype=torch.float64)
+        assert got == pytest.approx(expected, abs=1e-12)
+    far = density_coverage(x, y + 100.0, k=k)
+    assert far == (0.0, 0.0)  # fakes far from every real ball
+    same = density_coverage(x, x, k=k)
+    assert same[1] == 1.0 and same[0] >= 1.0  # each real sample sits in its own ball (and k others' balls)
+
+
+def test_fast_frechet_distance_equals_frechet_distance_on_both_routes() -> None:
+    rng = np.random.default_rng(0)
+    for n, m, d in [(40, 30, 64), (300, 250, 16)]:  # fewer samples than dimensions, then more
+        x, y = rng.normal(size=(n, d)), rng.normal(0.2, 1.1, size=(m, d))
+        assert fast_frechet_distance(x, y) == pytest.approx(frechet_distance(x, y), rel=1e-6)
+
+
+def test_mmd2_unbiased_is_kid_on_the_whole_set() -> None:
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(40, 8)), rng.normal(0.3, 1.0, size=(40, 8))
+    whole, _ = kernel_inception_distance(x, y, subset_size=40, num_subsets=1)
+    assert mmd2_unbiased(x, y) == pytest.approx(whole, rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------

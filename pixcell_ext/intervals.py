@@ -1,0 +1,88 @@
+"""Confidence intervals for the report: every headline number is stored as ``{value, low, high, n}``.
+
+The intervals are percentile bootstraps: the statistic is recomputed on resamples (of tiles, of test tiles or of
+pairs) drawn with a seeded generator, and the interval is the central ``confidence`` share of those values. They
+describe the sampling spread at the sample size used, so two runs differ meaningfully only where their intervals
+(at equal n) do not overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+CONFIDENCE = 0.95
+
+
+def percentile_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The central ``confidence`` share of ``values`` (NaNs ignored)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def estimate(value: float | None, low: float | None, high: float | None, n: int) -> dict[str, Any]:
+    """One report entry; ``None`` where the number could not be computed."""
+
+    def clean(x: float | None) -> float | None:
+        return None if x is None or not np.isfinite(x) else float(x)
+
+    return {"value": clean(value), "low": clean(low), "high": clean(high), "n": int(n)}
+
+
+def bootstrap_mean(
+    values: Sequence[float], *, replicates: int, seed: int, confidence: float = CONFIDENCE
+) -> dict[str, Any]:
+    """Mean of ``values`` with a bootstrap interval over its items (e.g. LPIPS pairs)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return estimate(None, None, None, 0)
+    rng = np.random.default_rng(seed)
+    means = [values[rng.integers(0, values.size, values.size)].mean() for _ in range(replicates)]
+    return estimate(values.mean(), *percentile_interval(means, confidence), values.size)
+
+
+def bootstrap_score(
+    score: Callable[[np.ndarray], float],
+    n: int,
+    *,
+    replicates: int,
+    seed: int,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
+    """Interval of ``score(rows)`` over resamples (with replacement) of ``n`` rows."""
+    rng = np.random.default_rng(seed)
+    return percentile_interval([score(rng.integers(0, n, n)) for _ in range(replicates)], confidence)
+
+
+def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean recall over the classes present in ``truth`` (sklearn's definition), fast enough for bootstraps."""
+    classes, inverse = np.unique(truth, return_inverse=True)
+    hits = np.bincount(inverse, weights=(truth == predicted).astype(np.float64), minlength=classes.size)
+    return float(np.mean(hits / np.bincount(inverse, minlength=classes.size)))
+
+
+def balanced_accuracy_estimate(
+    truth: np.ndarray,
+    predictions: Sequence[np.ndarray],
+    *,
+    replicates: int,
+    seed: int,
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
+    """Balanced accuracy averaged over probes (one prediction vector each, same test tiles), with an interval
+    from resampling the test tiles: the test set's own sampling error, which dominates on small held-out sets."""
+    truth = np.asarray(truth)
+
+    def score(rows: np.ndarray) -> float:
+        return float(np.mean([balanced_accuracy(truth[rows], p[rows]) for p in predictions]))
+
+    value = score(np.arange(truth.size))
+    interval = bootstrap_score(score, truth.size, replicates=replicates, seed=seed, confidence=confidence)
+    return estimate(value, *interval, truth.size)
