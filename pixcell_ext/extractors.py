@@ -186,10 +186,16 @@ def _load_torchmetrics_inception(device: torch.device) -> Callable[[Tensor], Ten
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
-    except Exception as error:  # missing torch-fidelity, or a failed download: several exception types
+    except ImportError as error:
         raise ExtractorUnavailable(
-            f"Inception skipped: torchmetrics' FID Inception could not be loaded ({type(error).__name__}: {error}). "
-            "Install torch-fidelity and let it download its weights once, or pass --inception_weights PATH "
+            f"Inception skipped: torchmetrics' FID Inception needs torch-fidelity ({error}); install it with "
+            "`pip install -r requirements.txt`, or pass --inception_weights PATH (a TorchScript FID Inception or a "
+            "torchvision inception_v3 state dict)."
+        ) from error
+    except Exception as error:  # a failed download: several exception types
+        raise ExtractorUnavailable(
+            f"Inception skipped: the FID Inception weights could not be downloaded ({type(error).__name__}: {error}). "
+            "Online they download once and are cached (torch hub cache); offline, pass --inception_weights PATH "
             "(a TorchScript FID Inception or a torchvision inception_v3 state dict)."
         ) from error
     network = _frozen(network, device)

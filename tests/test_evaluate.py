@@ -276,6 +276,28 @@ def test_tiny_preset_on_another_synthetic_set_does_not_call_it_a_standin_and_war
     assert evaluation.NO_MANIFEST_WARNING not in default["warnings"]
 
 
+def test_a_generator_that_copies_its_training_tiles_is_flagged_and_the_pairs_are_drawn(
+    real_dir, timm_weights, tmp_path
+):
+    training = write_tiny_dataset(tmp_path / "training", images_per_class=6, size=SIZE, seed=5)
+    held_out = write_tiny_dataset(tmp_path / "held-out", images_per_class=6, size=SIZE, seed=7)
+    copies = _noisy_copy(training, tmp_path / "copies", sigma=1, seed=0)
+    out = tmp_path / "eval"
+    report = _run(
+        ["--real_dir", str(real_dir), "--real_test_dir", str(held_out), "--synthetic_dir", str(copies)]
+        + ["--train_data_dir", str(training), "--output_dir", str(out), "--extractors", "timm"]
+        + ["--timm_encoder", TIMM, "--timm_encoder_weights", str(timm_weights), "--timm_image_size", str(SIZE)]
+        + ["--matched_draws", "1", "--bootstrap_replicates", "20", "--low_data_ks", "2"]
+    )
+    memorisation = report["memorisation"]
+    assert memorisation["feature_space"] == f"timm:{TIMM}" and memorisation["flagged"] is True
+    assert memorisation["possible_copies"]["value"] > 0.9 and memorisation["possible_copies"]["n"] == 54
+    assert memorisation["n_training"] == 54 and memorisation["n_held_out"] == 54
+    assert any(w.startswith("Possible copies of training tiles") for w in report["warnings"])
+    with Image.open(memorisation["pairs_image"]) as image:
+        assert image.format == "PNG" and image.size[0] > 8 * 96
+
+
 def test_clear_errors_for_bad_folders(real_dir, timm_weights, tmp_path):
     base = ["--output_dir", str(tmp_path / "out"), "--extractors", "timm"]
     with pytest.raises(DataError, match="does-not-exist"):
@@ -350,9 +372,21 @@ def test_inception_formats_and_offline_skip(tmp_path, monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", offline)
-    default = evaluation.inception_extractor(None)
-    with pytest.raises(evaluation.ExtractorUnavailable, match="--inception_weights"):
-        default.load()
+    with pytest.raises(evaluation.ExtractorUnavailable, match="offline, pass --inception_weights PATH"):
+        evaluation.inception_extractor(None).load()
+
+    def not_installed(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'torch_fidelity'")
+
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", not_installed)
+    with pytest.raises(evaluation.ExtractorUnavailable, match="pip install -r requirements.txt"):
+        evaluation.inception_extractor(None).load()
+
+
+def test_requirements_provide_the_fid_inception():
+    """Online users get Inception FD out of the box: torchmetrics' FID network comes from torch-fidelity."""
+    requirements = (REPO / "requirements.txt").read_text().splitlines()
+    assert any(line.startswith("torch-fidelity") for line in requirements)
 
 
 def test_lpips_diversity_and_fidelity_follow_the_manifest(real_dir, tmp_path):
