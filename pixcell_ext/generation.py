@@ -189,7 +189,8 @@ def check_lora_dir(lora_dir: str | None) -> None:
     directory = Path(lora_dir)
     fix = "Pass the --output_dir of a train_adapter_lora.py run (or a checkpoint-N folder inside it)."
     if not directory.is_dir():
-        raise DataError(f"--lora_dir '{lora_dir}' does not exist. {fix}")
+        problem = "is a file, not a folder" if directory.exists() else "does not exist"
+        raise DataError(f"--lora_dir '{lora_dir}' {problem}. {fix}")
     missing = [name for name in (ADAPTER_FILE, LORA_FILE) if not (directory / name).is_file()]
     if missing:
         raise DataError(f"--lora_dir '{lora_dir}' is not a training output: {', '.join(missing)} missing. {fix}")

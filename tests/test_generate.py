@@ -334,6 +334,10 @@ def test_missing_lora_dir_is_a_sentence_naming_the_flag(tiny_stack, tmp_path):
     assert message.startswith("error: --lora_dir") and f"'{missing}' does not exist" in message
     assert "--output_dir of a train_adapter_lora.py run" in message
     assert not (tmp_path / "out").exists()
+    weights_file = tmp_path / "pytorch_lora_weights.safetensors"  # the file instead of its folder
+    weights_file.write_bytes(b"")
+    message = user_error(*cli(tiny_stack, weights_file, tmp_path / "out"))
+    assert f"--lora_dir '{weights_file}' is a file, not a folder" in message
 
 
 @pytest.mark.parametrize("name", [artifacts.LORA_FILE, "adapter.safetensors"])
