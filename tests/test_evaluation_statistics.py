@@ -125,3 +125,27 @@ def test_low_data_ks_and_balanced_accuracy_interval():
     coin = np.random.default_rng(0).choice(["A", "B"], 100)
     chance = balanced_accuracy_estimate(truth, [coin], replicates=200, seed=0)
     assert chance["low"] < 0.5 < chance["high"] and chance["high"] - chance["low"] > 0.1
+
+
+def test_dataset_card_says_how_the_set_was_made_its_metrics_and_the_licence():
+    from pixcell_ext.report import dataset_card
+
+    provenance = {  # the fields generate_synthetic.py records in generation_config.json
+        "sources": {"pretrained_model_name_or_path": "StonyBrook-CVLab/PixCell-256", "lora_dir": "runs/nct"},
+        "lora_sha256": "ab12cd34",
+        "guidance_scale": 2.5,
+        "num_inference_steps": 20,
+        "scheduler": "dpm",
+        "seed": 7,
+    }
+    kid = {"value": 0.0123, "low": 0.01, "high": 0.015, "n": 50}
+    overall = {m: kid for m in ("fd", "kid", "precision", "recall", "density", "coverage")}
+    report = {
+        "counts": {"synthetic": {"ADI": 50}},
+        "extractors": {"uni": {"distribution": {"overall": overall}, "probe": None}},
+        "memorisation": {"skipped": "no training tiles"},
+    }
+    card = dataset_card(report, provenance)
+    for fact in ("PixCell-256", "ab12cd34", "2.5", "`20`", "`7`", "0.0123 [0.01, 0.015] (n=50)", "ADI 50"):
+        assert fact in card, fact
+    assert "UNI2-h's terms" in card and "commercial" in card and "STAND-IN" not in card
