@@ -1,7 +1,7 @@
 # Two commands for a first run (README.md, "Start here"):
 #   make demo   train on the embedded preset (PRESET, default tiny: random tiny models, made on first use)
 #   make test   run the test suite
-# Each first sets up .venv if it is missing. That happens once (about 4 minutes and 6 GB, mostly torch): a stamp file
+# Each first sets up .venv if it is missing. That happens once (4 to 8 minutes and 6.4 GB, mostly torch): a stamp file
 # records it, and only a change to a requirements file repeats it. Underneath it is plain venv, pip and
 # `accelerate launch`; the README's long form gives the same commands by hand.
 #
