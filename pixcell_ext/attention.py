@@ -20,6 +20,8 @@ parameters that cannot learn.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
@@ -95,27 +97,33 @@ def _set_cross_attention_processor(transformer: nn.Module, make_processor) -> No
     transformer.set_attn_processor(processors)
 
 
+def check_lora_targets(names: Iterable[str], context_tokens: int) -> None:
+    """Refuse LoRA on the cross-attention queries or keys when the context has one token: they could not learn.
+
+    `names` are LoRA targets (`attn2.to_q`, as `--lora_targets` gives them) or full layer names; the scripts call
+    this on their flags before loading any model, `install_single_token_attention` on the layers themselves.
+    """
+    if context_tokens != 1:
+        return
+    useless = sorted(n for n in names for t in UNTRAINABLE_WITH_ONE_TOKEN if n == t or n.endswith(f".{t}"))
+    if useless:
+        raise ValueError(
+            f"LoRA on {', '.join(UNTRAINABLE_WITH_ONE_TOKEN)} cannot learn with a single condition token: the "
+            "cross-attention softmax runs over one key and is 1 whatever the queries and keys are, so the output "
+            "is to_out(to_v(context)) and these layers get no gradient. Remove them from the LoRA targets "
+            f"(--lora_targets; the defaults leave them out), or condition on several tokens (--adapter_tokens). "
+            f"Found: {', '.join(useless[:4])}{' ...' if len(useless) > 4 else ''}"
+        )
+
+
 def install_single_token_attention(transformer: nn.Module, context_tokens: int) -> None:
     """Put `SingleTokenCrossAttnProcessor` on every cross-attention module; self-attention keeps its processor.
 
     `context_tokens` is what the caller will feed (the adapter's `num_tokens`): with 1, LoRA layers already on
-    `attn2.to_q` / `attn2.to_k` are refused because they could not learn anything. The processor itself re-checks the
-    context at every call, so a model given several tokens later still computes standard attention.
+    `attn2.to_q` / `attn2.to_k` are refused (`check_lora_targets`). The processor itself re-checks the context at
+    every call, so a model given several tokens later still computes standard attention.
     """
-    if context_tokens == 1:
-        useless = sorted(
-            name
-            for name in lora_layers(transformer)
-            if name.endswith(tuple(f".{t}" for t in UNTRAINABLE_WITH_ONE_TOKEN))
-        )
-        if useless:
-            raise ValueError(
-                f"LoRA on {', '.join(UNTRAINABLE_WITH_ONE_TOKEN)} cannot learn with a single condition token: the "
-                "cross-attention softmax runs over one key and is 1 whatever the queries and keys are, so the output "
-                "is to_out(to_v(context)) and these layers get no gradient. Remove them from the LoRA targets "
-                f"(--lora_targets; the defaults leave them out), or condition on several tokens. Found: "
-                f"{', '.join(useless[:4])}{' ...' if len(useless) > 4 else ''}"
-            )
+    check_lora_targets(lora_layers(transformer), context_tokens)
     _set_cross_attention_processor(transformer, SingleTokenCrossAttnProcessor)
 
 

@@ -6,7 +6,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from pixcell_ext import models
 from pixcell_ext.adapter import AdapterConfig, UNIAdapter
-from pixcell_ext.attention import SingleTokenCrossAttnProcessor, install_standard_attention
+from pixcell_ext.attention import SingleTokenCrossAttnProcessor, check_lora_targets, install_standard_attention
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.lora import DEFAULT_TARGET_MODULES, LoRAConfig, inject_lora, lora_parameters
 from pixcell_ext.sampling import sample_latents_cfg
@@ -124,6 +124,10 @@ def test_lora_on_cross_attention_queries_or_keys_is_refused_with_one_token(tiny_
     transformer = models.load_transformer(str(tiny_stack.pixcell))
     with pytest.raises(ValueError, match=rf"cannot learn with a single condition token.*{target}"):
         adapted(transformer, 1, (*DEFAULT_TARGET_MODULES, target))
+    with pytest.raises(ValueError, match=rf"--lora_targets.*Found: {target}"):
+        check_lora_targets([*DEFAULT_TARGET_MODULES, target], context_tokens=1)
+    check_lora_targets([*DEFAULT_TARGET_MODULES, target], context_tokens=16)
+    check_lora_targets(DEFAULT_TARGET_MODULES, context_tokens=1)
 
 
 def test_falls_back_to_the_standard_processor_with_a_mask():
