@@ -94,6 +94,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def metric_settings(
+    args: argparse.Namespace,
+) -> tuple[evaluation.DistributionSettings, evaluation.ProbeSettings, evaluation.LPIPSSettings]:
+    common = {"confidence": args.confidence, "seed": args.seed}
+    return (
+        evaluation.DistributionSettings(
+            pr_k=args.pr_k,
+            dc_k=args.dc_k,
+            kid_subsets=args.kid_subsets,
+            draws=args.matched_draws,
+            groups=args.jackknife_groups,
+            **common,
+        ),
+        evaluation.ProbeSettings(
+            low_data_ks=tuple(args.low_data_ks),
+            draws=args.low_data_draws,
+            replicates=args.bootstrap_replicates,
+            **common,
+        ),
+        evaluation.LPIPSSettings(
+            max_pairs=args.lpips_max_pairs, batch_size=args.batch_size, replicates=args.bootstrap_replicates, **common
+        ),
+    )
+
+
 def main(args: argparse.Namespace) -> None:
     accelerator = Accelerator()
     check_process_group(accelerator)
@@ -161,22 +186,7 @@ def main(args: argparse.Namespace) -> None:
         rows,
         probe_rows,
         classes,
-        evaluation.DistributionSettings(
-            pr_k=args.pr_k,
-            dc_k=args.dc_k,
-            kid_subsets=args.kid_subsets,
-            draws=args.matched_draws,
-            groups=args.jackknife_groups,
-            confidence=args.confidence,
-            seed=args.seed,
-        ),
-        evaluation.ProbeSettings(
-            low_data_ks=tuple(args.low_data_ks),
-            draws=args.low_data_draws,
-            replicates=args.bootstrap_replicates,
-            confidence=args.confidence,
-            seed=args.seed,
-        ),
+        *metric_settings(args)[:2],
         device=accelerator.device,
     )
     memorisation, memorisation_warnings = evaluation.memorisation_report(
@@ -198,13 +208,7 @@ def main(args: argparse.Namespace) -> None:
         real,
         classes,
         manifest,
-        evaluation.LPIPSSettings(
-            max_pairs=args.lpips_max_pairs,
-            batch_size=args.batch_size,
-            replicates=args.bootstrap_replicates,
-            confidence=args.confidence,
-            seed=args.seed,
-        ),
+        metric_settings(args)[2],
         device=accelerator.device,
     )
     notes += evaluation.GENERAL_NOTES + lpips_notes + ([memorisation["skipped"]] if "skipped" in memorisation else [])
