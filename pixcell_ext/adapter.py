@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from pixcell_ext.files import save_safetensors_atomically
 from pixcell_ext.lora import reporting_damage
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -102,11 +102,9 @@ class UNIAdapter(nn.Module):
 
 def save_adapter(adapter: UNIAdapter, path: str | os.PathLike) -> None:
     """Safetensors with the config in the metadata, written to a temporary name and renamed (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().float().contiguous().cpu() for k, v in adapter.state_dict().items()}
-    save_file(state, tmp, metadata={"format": "pt", "adapter_config": json.dumps(asdict(adapter.config))})
-    os.replace(tmp, path)
+    metadata = {"format": "pt", "adapter_config": json.dumps(asdict(adapter.config))}
+    save_safetensors_atomically(state, path, metadata=metadata)
 
 
 def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:

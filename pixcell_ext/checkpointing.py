@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from pixcell_ext import artifacts
 from pixcell_ext.adapter import ADAPTER_FILE
 from pixcell_ext.artifacts import CONFIG_FILE
-from pixcell_ext.files import write_bytes_atomically, write_json_atomically
+from pixcell_ext.files import replace_folder, write_bytes_atomically, write_json_atomically
 
 STATE_FILE = "training_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -87,9 +87,7 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)  # frees what it took; the last complete checkpoint is untouched
         raise
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        replace_folder(partial, final)
         if total_limit is not None:
             for old in complete_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)

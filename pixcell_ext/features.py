@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from pixcell_ext.data import ImageFolderIndex, TileDataset, dihedral, file_digest, split_map, vae_input
+from pixcell_ext.files import save_safetensors_atomically
 from pixcell_ext.models import AutoencoderKL, UNIEncoder, encode_latent_distribution, posterior_latents
 
 SHARD_ROWS = 1024
@@ -69,10 +69,8 @@ class ShardStore:
     def write(self, keys: list[str], tensors: dict[str, torch.Tensor]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"shard-{uuid.uuid4().hex}.safetensors"
-        tmp = self.directory / f".{name}.tmp"
         tensors = {k: v.float().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata={"keys": json.dumps(keys)})
-        os.replace(tmp, self.directory / name)
+        save_safetensors_atomically(tensors, self.directory / name, metadata={"keys": json.dumps(keys)})
 
     def read(self, keys: list[str], name: str) -> torch.Tensor:
         """Rows of tensor `name` for `keys`, in order, reading each shard once."""

@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import save_file
 
 from pixcell_ext import NCT_CLASSES
-from pixcell_ext.tiny import write_folder_once, write_tiny_dataset
+from pixcell_ext.files import write_folder_once
+from pixcell_ext.tiny import write_tiny_dataset
 
 # PixCell-256's transformer/config.json (604 tensors, 608.07 M values: /work/shared/docs/pixcell-facts.md).
 PIXCELL_256_CONFIG = {

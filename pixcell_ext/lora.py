@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from pixcell_ext.files import save_safetensors_atomically
 
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "attn1.to_q",
@@ -395,7 +397,7 @@ def _check_config_matches(model_layers: Mapping[str, LoRALinear], config: LoRACo
 
 
 def save_lora(model: nn.Module, config: LoRAConfig, path: str | os.PathLike) -> Path:
-    """Write atomically (temp file + os.replace) so an interrupted save never leaves a truncated adapter."""
+    """Written atomically (files.py), so an interrupted save never leaves a truncated adapter."""
     layers = _require_lora_layers(model)
     _check_config_matches(layers, config)
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
@@ -417,12 +419,7 @@ def save_lora(model: nn.Module, config: LoRAConfig, path: str | os.PathLike) -> 
     metadata = {"format": "pt", _METADATA_KEY: json.dumps(adapter_metadata)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_safetensors_atomically(tensors, path, metadata=metadata)
     return path
 
 

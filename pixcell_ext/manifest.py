@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pixcell_ext.files import write_text_atomically
+from pixcell_ext.files import remove_stale_temporaries, write_text_atomically
 
 if TYPE_CHECKING:
     from pixcell_ext.generation import WorkItem
@@ -78,38 +78,13 @@ def manifest_rows(output_dir: Path, items: list[WorkItem], config: dict) -> list
     return rows
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_stale_temporaries(output_dir: Path) -> list[Path]:
-    """Delete ``.manifest.csv.<pid>.tmp`` files left by killed writers (their pid no longer runs); returns them.
-
-    The atomic write names its temporary after the writing process, so a kill between the write and the rename
-    leaves one behind; nothing else would ever remove it.
-    """
-    removed = []
-    for tmp in Path(output_dir).glob(f".{MANIFEST_FILE}.*.tmp"):
-        pid = tmp.name[len(f".{MANIFEST_FILE}.") : -len(".tmp")]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
-
-
 def write_manifest(output_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write ``manifest.csv`` atomically (columns missing from a row stay empty) and clear killed writers' temps."""
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    remove_stale_temporaries(output_dir)
+    remove_stale_temporaries(output_dir, MANIFEST_FILE)
     write_text_atomically(Path(output_dir) / MANIFEST_FILE, buffer.getvalue())
 
 

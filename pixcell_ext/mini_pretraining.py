@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixcell_ext import data, models
+from pixcell_ext.files import replace_folder
 from pixcell_ext.models import PixCellTransformer2DModel
 
 PIXCELL_MINI_DIR = "pixcell-256-mini"
@@ -323,8 +324,7 @@ def build_transformer(
     shutil.rmtree(tmp, ignore_errors=True)
     transformer.save_pretrained(tmp / "transformer")
     scheduler_for_sampling().save_pretrained(tmp / "scheduler")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    replace_folder(tmp, target)
     return {
         **metrics,
         "encode_seconds": round(encode_seconds, 1),

@@ -43,8 +43,7 @@ from tqdm.auto import tqdm
 
 from pixcell_ext import NCT_CLASSES, models
 from pixcell_ext.data import dihedral, resized_uint8, vae_input
-from pixcell_ext.files import write_json_atomically
-from pixcell_ext.tiny import write_folder_once
+from pixcell_ext.files import write_folder_once, write_json_atomically
 from pixcell_ext.toy_histology import DOMAINS, REFERENCE_SIZE, toy_tiles, write_toy_dataset
 
 MINI_RESOLUTION = 64

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from pixcell_ext.feature_store import load_tile
-from pixcell_ext.files import write_json_atomically
+from pixcell_ext.files import write_folder_once, write_json_atomically
 from pixcell_ext.manifest import GENERATION_CONFIG_FILE, write_manifest
-from pixcell_ext.tiny import TINY_RESOLUTION, write_folder_once
+from pixcell_ext.tiny import TINY_RESOLUTION
 
 TINY_TIMM_ENCODER = "test_convnext"
 STANDIN_GENERATOR = "stand-in: noisy, colour-shifted copies of real tiles (no model)"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pixcell_ext import NCT_CLASSES
+from pixcell_ext.files import write_folder_once
 
 TINY_RESOLUTION = 64
 TINY_UNI_WIDTH = 32
@@ -37,27 +37,6 @@ class TinyStack:
 def tiny_stack_paths(root: str | os.PathLike) -> TinyStack:
     root = Path(root)
     return TinyStack(root / "pixcell-256-tiny", root / "sd35-vae-tiny", root / "uni2h-tiny", root / "nct-tiny")
-
-
-def write_folder_once(target: Path, writer) -> Path:
-    """Build a folder under a temporary name and rename it, so a killed write never leaves a folder that looks done.
-
-    An existing folder is kept. Several processes of one launch may race to write the same folder: the first rename
-    wins, the others discard their copy.
-    """
-    if target.exists():
-        return target
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        shutil.rmtree(tmp)
-    return target
 
 
 def _write_pixcell(folder: Path) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pixcell_ext import NCT_CLASSES
-from pixcell_ext.tiny import write_folder_once
+from pixcell_ext.files import write_folder_once
 
 DOMAINS = ("source", "target")
 SPLITS = ("train", "heldout")
