@@ -384,6 +384,7 @@ def tiny_evaluation(stack: TinyStack) -> dict[str, Any]:
         "kid_subsets": 20,
         "matched_draws": 2,
         "bootstrap_replicates": 50,
+        "low_data_draws": 1,
     }
 
 

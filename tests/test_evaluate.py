@@ -35,7 +35,16 @@ SIZE = 64
 TIMM = TINY_TIMM_ENCODER
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "one_blas_thread")
+
+
+@pytest.fixture
+def one_blas_thread():
+    """The probes' small logistic regressions lose more to BLAS threads on a busy machine than they gain."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,16 @@ from pixcell_ext.splits import select_probe_rows
 
 CLASSES = ["A", "B", "C"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "one_blas_thread")
+
+
+@pytest.fixture
+def one_blas_thread():
+    """The probes' small logistic regressions lose more to BLAS threads on a busy machine than they gain."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
 
 
 def test_matched_rows_are_seeded_and_exact_in_count():
