@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from pixcell_ext import NCT_CLASSES
-from pixcell_ext.files import write_folder_once
+from pixcell_ext.files import write_folder_once, write_json_atomically
 from pixcell_ext.tiny import write_tiny_dataset
 
 # PixCell-256's transformer/config.json (604 tensors, 608.07 M values: /work/shared/docs/pixcell-facts.md).
@@ -154,7 +154,7 @@ def write_full_random_stack(
             f"reduced={reduced}."
         )
     Path(root).mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(wanted))
+    write_json_atomically(marker, wanted)
     for target, writer in ((paths.pixcell, _write_pixcell), (paths.vae, _write_vae), (paths.uni, _write_uni)):
         torch.manual_seed(seed)
         write_folder_once(target, lambda tmp, w=writer: w(tmp, reduced, torch.device(device)))

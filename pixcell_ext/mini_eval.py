@@ -23,6 +23,7 @@ from torch import nn
 from pixcell_ext import data, diffusion, metrics, models
 from pixcell_ext.adapter import AdapterConfig, UNIAdapter
 from pixcell_ext.conditioning import AdaptedPixCell
+from pixcell_ext.files import write_png_atomically
 from pixcell_ext.lora import LoRAConfig, inject_lora, lora_parameters
 from pixcell_ext.sampling import sample_latents_cfg, to_uint8_images
 from pixcell_ext.seeding import generator_for
@@ -313,8 +314,6 @@ def class_fidelity(judge: JudgeScores, images: torch.Tensor, class_ids: torch.Te
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int) -> Path:
     """A contact sheet of uint8 [N, 3, r, r] images, row-major."""
-    from PIL import Image
-
     count, _, size, _ = images.shape
     rows = -(-count // columns)
     sheet = np.full((rows * size, columns * size, 3), 255, np.uint8)
@@ -323,5 +322,5 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int) -> Pa
         sheet[r * size : (r + 1) * size, c * size : (c + 1) * size] = image
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet).save(path)
+    write_png_atomically(path, sheet)
     return path
