@@ -304,6 +304,19 @@ def _fraction_inside(queries: Tensor, support: Tensor, support_radii_sq: Tensor,
     return inside / queries.shape[0]
 
 
+def _centred_pair(
+    real: ArrayLike, fake: ArrayLike, dtype: torch.dtype, device: torch.device | str | None
+) -> tuple[Tensor, Tensor]:
+    """Both sets as tensors centred on the real mean: distances are unchanged, and the matmul expansion of the
+    squared distances loses less precision."""
+    x = _as_tensor(real, "real", dtype, device)
+    y = _as_tensor(fake, "fake", dtype, device)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dimensions differ: real {x.shape[1]}, fake {y.shape[1]}")
+    centre = x.mean(dim=0, keepdim=True)
+    return x - centre, y - centre
+
+
 def precision_recall(
     real: ArrayLike,
     fake: ArrayLike,
@@ -330,15 +343,9 @@ def precision_recall(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    x = _as_tensor(real, "real", dtype, device)
-    y = _as_tensor(fake, "fake", dtype, device)
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"feature dimensions differ: real {x.shape[1]}, fake {y.shape[1]}")
+    x, y = _centred_pair(real, fake, dtype, device)
     if min(x.shape[0], y.shape[0]) <= k:
         raise ValueError(f"each set needs more than k={k} samples, got real={x.shape[0]}, fake={y.shape[0]}")
-    # Centre both sets on the real mean: distances are unchanged, and the matmul expansion loses less precision.
-    centre = x.mean(dim=0, keepdim=True)
-    x, y = x - centre, y - centre
     with torch.no_grad():
         precision = _fraction_inside(y, x, _knn_radii_sq(x, k, batch_size), batch_size)
         recall = _fraction_inside(x, y, _knn_radii_sq(y, k, batch_size), batch_size)
@@ -365,16 +372,11 @@ def density_coverage(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    x = _as_tensor(real, "real", dtype, device)
-    y = _as_tensor(fake, "fake", dtype, device)
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"feature dimensions differ: real {x.shape[1]}, fake {y.shape[1]}")
+    x, y = _centred_pair(real, fake, dtype, device)
     if x.shape[0] <= k or y.shape[0] < 1:
         raise ValueError(
             f"density/coverage need more than k={k} real samples and one fake, got {x.shape[0]} and {y.shape[0]}"
         )
-    centre = x.mean(dim=0, keepdim=True)
-    x, y = x - centre, y - centre
     with torch.no_grad():
         radii = _knn_radii_sq(x, k, batch_size)
         x_sq = (x * x).sum(dim=1)

@@ -36,12 +36,8 @@ def subsample_per_class(tiles: TileSet, max_per_class: int | None, seed: int, ta
     """Rows of at most ``max_per_class`` tiles per class (seeded); all rows when ``max_per_class`` is None."""
     if max_per_class is None:
         return list(range(len(tiles.paths)))
-    keep = []
-    for name in sorted(set(tiles.labels)):
-        rows = [i for i, label in enumerate(tiles.labels) if label == name]
-        order = np.random.default_rng(derived_seed(seed, tag, name)).permutation(len(rows))
-        keep.extend(rows[j] for j in order[:max_per_class])
-    return sorted(keep)
+    counts = {name: min(tiles.labels.count(name), max_per_class) for name in set(tiles.labels)}
+    return matched_subsample(tiles, counts, seed, tag)
 
 
 def arrange_tiles(
