@@ -1,6 +1,7 @@
 """Images/s of generate_synthetic.py's batched generation against the one-image-at-a-time loop it replaces.
 
     python benchmarks/bench_generate.py            # CPU, under 2 minutes; target: batched >= 2x the loop
+    python benchmarks/bench_generate.py --quality_table   # sampler x steps against the 30-step result (tiny)
 
 Batched: `generation.generate_batch` at batch 8, both guidance branches in one transformer forward, LoRA merged,
 UNI2-h and VAE decode batched. Loop: one image at a time, a conditional and an unconditional forward per step, LoRA
@@ -14,6 +15,7 @@ GEMMs busy, so there the batched path gains mostly from the merged LoRA and fewe
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,8 @@ from pixcell_ext.sampling import to_uint8_images  # noqa: E402
 from pixcell_ext.tiny import TINY_UNI_WIDTH, write_tiny_stack  # noqa: E402
 
 TARGET = 2.0
+QUALITY_SAMPLERS = ("dpm", "euler")
+QUALITY_STEPS = (10, 15, 20, 30)
 
 
 def small_transformer() -> models.PixCellTransformer2DModel:
@@ -122,6 +126,38 @@ def bench(name: str, description: str, transformer, stack, items, args) -> bool:
     return ratio >= TARGET
 
 
+def quality_table(transformer, stack, items, args) -> None:
+    """Each sampler x steps against DPM-Solver++ at 30 steps: mean |difference| and PSNR of the decoded images.
+
+    This measures how far fewer steps move the sampler from the converged trajectory, which is the price of the
+    saving whatever the weights. It is not image quality: with random weights there is no real image to be close to.
+    """
+    model = adapted_with_lora(transformer)
+    merge_lora(transformer)
+    batch = args.batch_size
+
+    def images(sampler: str, steps: int) -> tuple[np.ndarray, float]:
+        settings = generation.SamplingSettings(args.guidance_scale, steps, sampler, batch)
+        start = time.perf_counter()
+        out = [
+            generation.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, chunk, settings)
+            for chunk in (items[i : i + batch] for i in range(0, len(items), batch))
+        ]
+        return np.concatenate(out).astype(np.float64), (time.perf_counter() - start) / len(items)
+
+    reference, _ = images("dpm", 30)
+    print(f"\n  sampler x steps against dpm at 30 steps ({len(items)} images, guidance {args.guidance_scale})")
+    print(f"  {'sampler':<8}{'steps':>6}{'forwards/img':>14}{'s/img':>8}{'mean |diff|':>13}{'PSNR dB':>9}")
+    for sampler in QUALITY_SAMPLERS:
+        for steps in QUALITY_STEPS:
+            out, seconds = images(sampler, steps)
+            difference = np.abs(out - reference)
+            mse = float((difference**2).mean())
+            psnr = 10 * math.log10(255**2 / mse) if mse > 0 else math.inf
+            forwards = steps * (2 if args.guidance_scale != 1.0 else 1)
+            print(f"  {sampler:<8}{steps:>6}{forwards:>14}{seconds:>8.3f}{difference.mean():>13.2f}{psnr:>9.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", choices=["tiny", "small"], default=["tiny", "small"])
@@ -131,12 +167,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="Timed runs of each; the fastest counts.")
     parser.add_argument("--guidance_scale", type=float, default=2.0)
+    parser.add_argument(
+        "--quality_table",
+        action="store_true",
+        help=f"instead of the speed comparison: {'/'.join(QUALITY_SAMPLERS)} at {QUALITY_STEPS} steps on the tiny "
+        "stack against dpm at 30 steps",
+    )
     args = parser.parse_args()
     paths = write_tiny_stack(args.tiny_dir)
     files = generation.class_files(paths.data, ["ADI", "TUM"])
     references = {
         n: generation.choose_references(f, 4, seed=0, class_name=n, skip_bad_images=False) for n, f in files.items()
     }
+    if args.quality_table:
+        count = args.num_images[0]
+        items = generation.work_items(references, {"ADI": count // 2, "TUM": count - count // 2}, seed=0)
+        stack = models.load_pixcell_stack(str(paths.pixcell), str(paths.vae), str(paths.uni))
+        print(f"bench_generate --quality_table: tiny stack, random weights; {torch.get_num_threads()} CPU thread(s)")
+        quality_table(stack.transformer, stack, items, args)
+        return
     print(
         f"bench_generate: {torch.get_num_threads()} CPU thread(s), torch {torch.__version__}, random weights; "
         f"{args.steps} DPM steps, guidance {args.guidance_scale}; one-step warm-up, best of {args.repeats}"

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PixArtTransformer2DModel,
+)
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from torch import nn
@@ -244,7 +250,7 @@ def training_scheduler(scheduler_config: dict) -> DDPMScheduler:
     return DDPMScheduler.from_config(config)
 
 
-SAMPLERS = {"dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
+SAMPLERS = {"dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "ddpm": DDPMScheduler}
 
 
 def sampling_scheduler(scheduler_config: dict, kind: str = "dpm"):
