@@ -19,13 +19,13 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from pixcell_ext import evaluation, mini, models, presets
+from pixcell_ext import evaluation, models, presets
 from pixcell_ext.data import scan_image_folder
 from pixcell_ext.features import hash_files
 from pixcell_ext.runtime import check_process_group, run_main
 
 logger = get_logger(__name__)
-PRESETS = {"mini": mini.mini_evaluation, "tiny": evaluation.tiny_evaluation}
+PRESETS = presets.EVALUATION_PRESETS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,13 +21,13 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
-from pixcell_ext import generation, mini, models, presets
+from pixcell_ext import generation, models, presets
 from pixcell_ext.compilation import compile_transformer
 from pixcell_ext.files import write_png_atomically
 from pixcell_ext.runtime import check_process_group, run_main, weight_dtype
 
 logger = get_logger(__name__)
-PRESETS = {"mini": mini.mini_generation, "tiny": generation.tiny_generation}
+PRESETS = presets.GENERATION_PRESETS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -44,7 +44,6 @@ from pixcell_ext.memorisation import memorisation_check, write_closest_pairs
 from pixcell_ext.plots import write_plots
 from pixcell_ext.report import write_dataset_card, write_report
 from pixcell_ext.splits import arrange_tiles, select_probe_rows, split_per_class, subsample_per_class
-from pixcell_ext.tiny import TinyStack
 
 __all__ = [
     "COLOUR_HISTOGRAM",
@@ -79,7 +78,6 @@ __all__ = [
     "subsample_per_class",
     "synthetic_provenance",
     "timm_extractor",
-    "tiny_evaluation",
     "uni_extractor",
     "write_dataset_card",
     "write_plots",
@@ -365,33 +363,3 @@ def provenance_notes(provenance: dict[str, Any], random_encoders: bool) -> list[
     if is_standin(provenance):
         notes.append(STANDIN_NOTE.format(generator=provenance["generator"]))
     return notes
-
-
-def tiny_evaluation(stack: TinyStack) -> dict[str, Any]:
-    """Defaults of ``--preset tiny``: the tiny tiles as real set, a stand-in synthetic set, random tiny encoders."""
-    from pixcell_ext.testing_assets import TINY_TIMM_ENCODER, write_random_timm_encoder, write_standin_synthetic
-
-    root = stack.data.parent
-    return {
-        "real_dir": str(stack.data),
-        "synthetic_dir": str(write_standin_synthetic(stack.data, root / "nct-tiny-standin-synthetic")),
-        "output_dir": "outputs/tiny-evaluation",
-        "uni_model_name_or_path": str(stack.uni),
-        "timm_encoder": TINY_TIMM_ENCODER,
-        "timm_encoder_weights": str(write_random_timm_encoder(TINY_TIMM_ENCODER, root / "timm-tiny-random")),
-        "batch_size": 8,
-        "dataloader_num_workers": 0,
-        "kid_subsets": 20,
-        "matched_draws": 2,
-        "bootstrap_replicates": 50,
-        "low_data_draws": 1,
-    }
-
-
-def __getattr__(name: str) -> Any:
-    """The stand-in builders stay importable from here without putting them on the evaluation import path."""
-    if name in {"write_standin_synthetic", "write_random_timm_encoder", "TINY_TIMM_ENCODER"}:
-        from pixcell_ext import testing_assets
-
-        return getattr(testing_assets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,10 +43,8 @@ from pixcell_ext.files import write_json_atomically, write_png_atomically
 from pixcell_ext.lora import DamagedFileError, LoRAMismatchError, merge_lora, read_lora_config
 from pixcell_ext.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, manifest_rows, read_manifest, write_manifest  # noqa: F401, E501
 from pixcell_ext.models import UNI_IMAGE_SIZE, AutoencoderKL, PixCellTransformer2DModel, UNIEncoder, decode_latents
-from pixcell_ext.presets import tiny_models
 from pixcell_ext.sampling import sample_latents_cfg, to_uint8_images
 from pixcell_ext.seeding import derived_seed, generator_for
-from pixcell_ext.tiny import TinyStack
 from pixcell_ext.validation import contact_sheet
 
 logger = logging.getLogger(__name__)
@@ -73,18 +71,6 @@ UNREADABLE = (OSError, ValueError, SyntaxError)  # what PIL raises for truncated
 
 class GenerationConfigError(ValueError):
     """The output directory holds images made with another configuration; adding to it would mix two datasets."""
-
-
-def tiny_generation(stack: TinyStack) -> dict:
-    """Defaults of `--preset tiny`: the tiny random stack and its tile folder, a few steps, a few images."""
-    return {
-        **tiny_models(stack),
-        "reference_data_dir": str(stack.data),
-        "output_dir": "outputs/tiny-synthetic",
-        "num_images_per_class": 4,
-        "num_inference_steps": 4,
-        "batch_size": 4,
-    }
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""Named sets of defaults for the scripts. `--preset mini` runs the whole pipeline offline on the trained mini stack,
-`--preset tiny` on random tiny models.
+"""Named sets of defaults for the scripts, all of them here. `--preset mini` runs the whole pipeline offline on the
+trained mini stack, `--preset tiny` on random tiny models.
 
-A preset only changes defaults: a flag given on the command line always wins.
+A preset only changes defaults: a flag given on the command line always wins. Test-asset builders (the stand-in
+synthetic set, random timm weights) are imported only when the tiny evaluation preset is chosen.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import argparse
 import copy
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from pixcell_ext.mini import MiniStack, mini_models
 from pixcell_ext.tiny import TINY_RESOLUTION, TinyStack, write_tiny_stack
 
 TINY_DIR = "tiny_assets"
@@ -39,6 +43,106 @@ def tiny_training(stack: TinyStack) -> dict:
         "adapter_hidden_dim": 64,
         "lora_rank": 4,
     }
+
+
+def tiny_generation(stack: TinyStack) -> dict:
+    """Defaults of `--preset tiny`: the tiny random stack and its tile folder, a few steps, a few images."""
+    return {
+        **tiny_models(stack),
+        "reference_data_dir": str(stack.data),
+        "output_dir": "outputs/tiny-synthetic",
+        "num_images_per_class": 4,
+        "num_inference_steps": 4,
+        "batch_size": 4,
+    }
+
+
+def tiny_evaluation(stack: TinyStack) -> dict[str, Any]:
+    """Defaults of ``--preset tiny``: the tiny tiles as real set, a stand-in synthetic set, random tiny encoders."""
+    from pixcell_ext.testing_assets import TINY_TIMM_ENCODER, write_random_timm_encoder, write_standin_synthetic
+
+    root = stack.data.parent
+    return {
+        "real_dir": str(stack.data),
+        "synthetic_dir": str(write_standin_synthetic(stack.data, root / "nct-tiny-standin-synthetic")),
+        "output_dir": "outputs/tiny-evaluation",
+        "uni_model_name_or_path": str(stack.uni),
+        "timm_encoder": TINY_TIMM_ENCODER,
+        "timm_encoder_weights": str(write_random_timm_encoder(TINY_TIMM_ENCODER, root / "timm-tiny-random")),
+        "batch_size": 8,
+        "dataloader_num_workers": 0,
+        "kid_subsets": 20,
+        "matched_draws": 2,
+        "bootstrap_replicates": 50,
+        "low_data_draws": 1,
+    }
+
+
+def mini_training(stack: MiniStack) -> dict:
+    """`train_adapter_lora.py --preset mini`: adapt the SOURCE-pretrained mini PixCell to TARGET in minutes."""
+    from pixcell_ext.mini_stack import MINI_RESOLUTION
+
+    return {
+        **mini_models(stack),
+        "train_data_dir": str(stack.target_train),
+        "output_dir": "outputs/mini-run",
+        "feature_cache": str(Path(stack.target_train).parent / "feature-cache"),
+        "resolution": MINI_RESOLUTION,
+        "train_batch_size": 32,
+        "max_train_steps": 400,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 20,
+        "checkpointing_steps": 200,
+        "validation_steps": 200,
+        "num_validation_inference_steps": 20,
+        "adapter_hidden_dim": 256,
+        "lora_rank": 8,
+        "dataloader_num_workers": 0,
+    }
+
+
+def mini_generation(stack: MiniStack) -> dict:
+    """`generate_synthetic.py --preset mini`: a class-organised TARGET set from the mini run."""
+    return {
+        **mini_models(stack),
+        "lora_dir": "outputs/mini-run",
+        "reference_data_dir": str(stack.target_train),
+        "output_dir": "outputs/mini-synthetic",
+        "num_images_per_class": 20,
+        "num_inference_steps": 20,
+        "guidance_scale": 2.0,
+        "batch_size": 30,
+    }
+
+
+def mini_evaluation(stack: MiniStack) -> dict:
+    """`evaluate_synthetic.py --preset mini`: the generated set against held-out TARGET tiles, in the encoder's
+    space and in the judge's (a classifier trained on TARGET that the generator never saw, read as a timm encoder)."""
+    from pixcell_ext.judge import timm_extractor_arguments
+
+    architecture, weights, options = timm_extractor_arguments(stack.judge)
+    return {
+        "extractors": ["uni", "timm"],
+        "timm_encoder": architecture,
+        "timm_encoder_weights": weights,
+        "timm_encoder_kwargs": options["model_kwargs"],
+        "timm_image_size": options["image_size"],
+        "timm_mean": list(options["mean"]),
+        "timm_std": list(options["std"]),
+        "real_dir": str(stack.target_heldout),
+        "real_test_dir": str(stack.target_test),
+        "synthetic_dir": "outputs/mini-synthetic",
+        "output_dir": "outputs/mini-evaluation",
+        "uni_model_name_or_path": str(stack.uni),
+        "batch_size": 60,
+        "dataloader_num_workers": 0,
+        "kid_subsets": 20,
+    }
+
+
+TRAINING_PRESETS = {"mini": mini_training, "tiny": tiny_training}
+GENERATION_PRESETS = {"mini": mini_generation, "tiny": tiny_generation}
+EVALUATION_PRESETS = {"mini": mini_evaluation, "tiny": tiny_evaluation}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
