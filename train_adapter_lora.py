@@ -350,7 +350,9 @@ def load_frozen_models(args: argparse.Namespace, accelerator: Accelerator) -> tu
     return stack, resolution
 
 
-def model_configs(args: argparse.Namespace, transformer_config, class_names: list[str]):
+def model_configs(
+    args: argparse.Namespace, transformer_config, class_names: list[str]
+) -> tuple[LoRAConfig, AdapterConfig]:
     """The LoRA and adapter configurations the flags describe."""
     num_layers = transformer_config.num_layers
     lora_config = LoRAConfig(
@@ -446,7 +448,14 @@ def validation_panels(args: argparse.Namespace, accelerator: Accelerator, index,
     return validate
 
 
-def log_plan(args, accelerator: Accelerator, model, max_train_steps: int, num_epochs: int, updates_per_epoch: int):
+def log_plan(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    max_train_steps: int,
+    num_epochs: int,
+    updates_per_epoch: int,
+) -> None:
     adapted = accelerator.unwrap_model(model)
     adapter_size = sum(p.numel() for p in adapted.adapter.parameters())
     lora_size = sum(p.numel() for p in lora_parameters(adapted.transformer))

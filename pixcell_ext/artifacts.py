@@ -176,7 +176,10 @@ def claim_output_dir(directory: Path, *, resuming: bool, overwrite: bool, loggin
         )
     if overwrite and is_main:
         for path in outputs:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 @contextmanager

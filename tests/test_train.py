@@ -402,6 +402,13 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run(tiny_stack, tmp_
     skipped = logged_losses(output_dir, "skipped_steps")
     assert skipped[-1] == 1  # the one batch holding the bad tile, once per epoch of 9 batches
     assert all(torch.isfinite(w).all() for w in trained_weights(output_dir).values())
+    # On 2 processes the bad tile is on one of them; both must skip that update, or the replicas would drift apart.
+    result = run_training(
+        tiny_stack, tmp_path / "two-processes", "--max_train_steps", "9", "--feature_cache", str(cache),
+        "--train_batch_size", "2", num_processes=2,
+    )  # fmt: skip
+    assert logged_losses(tmp_path / "two-processes", "skipped_steps")[-1] == 1
+    assert "bit-identical on all 2 process(es)" in result.stderr
 
     poison_cache(cache, how_many=None)
     command = launch_command(
