@@ -255,7 +255,13 @@ def timm_extractor(
 
     def load(device: torch.device) -> Callable[[Tensor], Tensor]:
         network = timm.create_model(name, pretrained=False, **kwargs)
-        missing, unexpected = network.load_state_dict(load_state_dict_file(weights), strict=False)
+        try:
+            missing, unexpected = network.load_state_dict(load_state_dict_file(weights), strict=False)
+        except RuntimeError as error:  # shape mismatches raise even with strict=False
+            raise ValueError(
+                f"--timm_encoder_weights '{weights}' does not fit timm model '{name}' with {kwargs} (pass the "
+                f"architecture's --timm_encoder_kwargs): {str(error).splitlines()[1].strip()}"
+            ) from error
         classifier = network.pretrained_cfg.get("classifier") or "head"
         unexpected = [k for k in unexpected if not k.startswith(f"{classifier}.")]
         if missing or unexpected:
