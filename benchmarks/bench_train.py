@@ -49,7 +49,7 @@ from torchvision.transforms.functional import to_pil_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixcell_ext import data, diffusion, features, models, training  # noqa: E402
+from pixcell_ext import data, diffusion, features, full_random, models, training  # noqa: E402
 from pixcell_ext.adapter import AdapterConfig  # noqa: E402
 from pixcell_ext.lora import LoRAConfig  # noqa: E402
 from pixcell_ext.runtime import weight_dtype  # noqa: E402
@@ -60,46 +60,11 @@ TARGET_SPEEDUP = 3.0  # cached / notebook images/s, set for --preset small on th
 TARGET_MFU = 0.35  # cached (LoRA) step, --preset full in bf16 on an H100
 MB = 2**20
 
-# PixCell's training noise schedule (IDDPM: 1000 steps, linear betas, epsilon prediction).
-SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 1e-4,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "prediction_type": "epsilon",
-}
-# stabilityai/stable-diffusion-3.5-large vae/config.json (the presets below change only widths and sizes).
-SD35_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "latent_channels": 16,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 1.5305,
-    "shift_factor": 0.0609,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
-# PixCell-256's transformer/config.json (see /work/shared/docs/pixcell256_state_dict_layout.json).
-PIXCELL_256 = {
-    "num_attention_heads": 16,
-    "attention_head_dim": 72,
-    "in_channels": 16,
-    "out_channels": 32,
-    "num_layers": 28,
-    "cross_attention_dim": 1152,
-    "sample_size": 32,
-    "patch_size": 2,
-    "caption_channels": 1536,
-    "caption_num_tokens": 1,
-    "interpolation_scale": 0.5,
-    "use_additional_conditions": False,
-    "norm_type": "ada_norm_single",
-}
+# The real shapes: PixCell-256's transformer, the SD3.5 VAE and the IDDPM training schedule, as the full-shape random
+# stack writes them (the presets below change only widths and sizes).
+PIXCELL_256 = full_random.PIXCELL_256_CONFIG
+SD35_VAE = full_random.SD35_VAE_CONFIG
+SCHEDULER_CONFIG = full_random.SCHEDULER_CONFIG
 
 
 @dataclass(frozen=True)
