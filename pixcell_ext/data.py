@@ -354,6 +354,12 @@ def resized_uint8(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def load_tile(source: str | os.PathLike | io.BytesIO, size: int) -> torch.Tensor:
+    """uint8 [3, size, size]: the centre square of a tile file, resized once from its original pixels. The one
+    tile reader: training, generation's references, evaluation and the contact sheets all see a tile this way."""
+    return resized_uint8(center_square(read_rgb(source)), size)
+
+
 def model_inputs(image: Image.Image, resolution: int) -> dict[str, torch.Tensor]:
     """The two views of one tile, each resized from the original: UNI2-h's 224 px and the VAE's `resolution` px."""
     square = center_square(image)

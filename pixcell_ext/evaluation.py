@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from pixcell_ext.data import load_tile
 from pixcell_ext.distribution import DistributionSettings, per_class_matched_metrics, small_sample_warning
 from pixcell_ext.downstream import ProbeSettings, low_data_curve, probe_results
 from pixcell_ext.extractors import (
@@ -36,7 +37,7 @@ from pixcell_ext.extractors import (
     timm_extractor,
     uni_extractor,
 )
-from pixcell_ext.feature_store import TileSet, compute_features, load_tile
+from pixcell_ext.feature_store import TileSet, compute_features
 from pixcell_ext.features import hash_files
 from pixcell_ext.lpips_scores import LPIPSScorer, LPIPSSettings, lpips_metrics, lpips_report
 from pixcell_ext.manifest import GENERATION_CONFIG_FILE, References, read_references

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pixcell_ext.data import ImageFolderIndex, center_square, read_rgb, resized_uint8
+from pixcell_ext.data import ImageFolderIndex, load_tile
 from pixcell_ext.extractors import FeatureExtractor
 from pixcell_ext.features import ShardStore
 from pixcell_ext.files import write_text_atomically
@@ -55,11 +55,6 @@ class _Tiles(Dataset):
 
     def __getitem__(self, i: int) -> Tensor:
         return load_tile(self.paths[i], self.size)
-
-
-def load_tile(path: str | os.PathLike, size: int) -> Tensor:
-    """uint8 ``[3, size, size]``: centre square of the file, resized from the original pixels (PIL bicubic)."""
-    return resized_uint8(center_square(read_rgb(path)), size)
 
 
 class FeatureStore(ShardStore):

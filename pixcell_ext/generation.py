@@ -37,7 +37,7 @@ import torch
 from pixcell_ext.adapter import ADAPTER_FILE, AdapterConfig, UNIAdapter, read_adapter_config
 from pixcell_ext.artifacts import LORA_FILE, load_trained, read_training_config
 from pixcell_ext.conditioning import AdaptedPixCell
-from pixcell_ext.data import DataError, center_square, file_digest, read_rgb, resized_uint8, scan_image_folder
+from pixcell_ext.data import DataError, file_digest, load_tile, read_rgb, scan_image_folder
 from pixcell_ext.features import model_identity
 from pixcell_ext.files import write_json_atomically, write_png_atomically
 from pixcell_ext.lora import DamagedFileError, LoRAMismatchError, merge_lora, read_lora_config
@@ -231,7 +231,7 @@ def lora_sha256(lora_dir: str | None) -> str | None:
 
 def reference_pixels(path: Path) -> torch.Tensor:
     """uint8 [3, 224, 224]: the centre square of a tile resized once for UNI2-h, as training saw it."""
-    return resized_uint8(center_square(read_rgb(path)), UNI_IMAGE_SIZE)
+    return load_tile(path, UNI_IMAGE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -412,10 +412,7 @@ def write_contact_sheet(output_dir: Path, class_name: str, items: list[WorkItem]
         return
     grey = np.full((resolution, resolution, 3), 128, dtype=np.uint8)
     references = [
-        resized_uint8(center_square(read_rgb(item.reference)), resolution).permute(1, 2, 0).numpy()
-        if item.reference
-        else grey
-        for item in done
+        load_tile(item.reference, resolution).permute(1, 2, 0).numpy() if item.reference else grey for item in done
     ]
     synthetic = [np.asarray(read_rgb(output_dir / item.file)) for item in done]
     titles = ["reference" if done[0].reference else "(none)", "synthetic"]

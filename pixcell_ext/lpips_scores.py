@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pixcell_ext.data import load_tile
 from pixcell_ext.extractors import load_state_dict_file
-from pixcell_ext.feature_store import TileSet, load_tile
+from pixcell_ext.feature_store import TileSet
 from pixcell_ext.intervals import bootstrap_mean
 from pixcell_ext.manifest import References
 from pixcell_ext.metrics import pairwise_values

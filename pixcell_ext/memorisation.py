@@ -18,7 +18,7 @@ import numpy as np
 import scipy.stats
 import torch
 
-from pixcell_ext.feature_store import load_tile
+from pixcell_ext.data import load_tile
 from pixcell_ext.files import write_png_atomically
 from pixcell_ext.intervals import estimate
 from pixcell_ext.validation import contact_sheet

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from pixcell_ext.feature_store import load_tile
+from pixcell_ext.data import load_tile
 from pixcell_ext.files import write_folder_once, write_json_atomically
 from pixcell_ext.manifest import GENERATION_CONFIG_FILE, write_manifest
 from pixcell_ext.tiny import TINY_RESOLUTION
