@@ -206,14 +206,11 @@ def main(args: argparse.Namespace) -> None:
     validate = validation_panels(args, accelerator, index, dataset, stack, resolution)
     run_config = {**vars(args), "class_names": index.class_names, "resolution": resolution}
 
-    progress = checkpointing.TrainingProgress()
-    if checkpoint is not None:
-        progress = checkpointing.load_checkpoint(accelerator, checkpoint)
-        logger.info(f"Resumed from {checkpoint}: step {progress.global_step}, epoch {progress.epoch}")
+    progress = checkpointing.load_checkpoint(accelerator, checkpoint)
     if accelerator.is_main_process:
         accelerator.init_trackers("pixcell_adapter_lora", config=artifacts.loggable_config(run_config))
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    log_plan(args, accelerator, model, max_train_steps, num_epochs, updates_per_epoch)
+    log_plan(args, accelerator, model, checkpoint, progress, max_train_steps, num_epochs, updates_per_epoch)
     progress_bar = tqdm(
         total=max_train_steps, initial=progress.global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
@@ -452,10 +449,16 @@ def log_plan(
     args: argparse.Namespace,
     accelerator: Accelerator,
     model: torch.nn.Module,
+    checkpoint: Path | None,
+    progress: checkpointing.TrainingProgress,
     max_train_steps: int,
     num_epochs: int,
     updates_per_epoch: int,
 ) -> None:
+    if checkpoint is not None:
+        logger.info(f"Resumed from {checkpoint}: step {progress.global_step}, epoch {progress.epoch}")
+    elif args.resume_from_checkpoint:
+        logger.info(f"No checkpoint in {args.output_dir} yet: starting a new run.")
     adapted = accelerator.unwrap_model(model)
     adapter_size = sum(p.numel() for p in adapted.adapter.parameters())
     lora_size = sum(p.numel() for p in lora_parameters(adapted.transformer))

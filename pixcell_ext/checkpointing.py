@@ -99,7 +99,10 @@ def read_progress(checkpoint: Path) -> TrainingProgress:
     return TrainingProgress(**json.loads((checkpoint / STATE_FILE).read_text()))
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> TrainingProgress:
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path | None) -> TrainingProgress:
+    """The state of `checkpoint` restored, and where it stopped; a new run's start when there is none."""
+    if checkpoint is None:
+        return TrainingProgress()
     accelerator.load_state(str(checkpoint))
     return read_progress(checkpoint)
 
