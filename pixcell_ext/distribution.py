@@ -67,14 +67,21 @@ def matched_rows(
 
 
 def _statistics(
-    real: np.ndarray, synthetic: np.ndarray, settings: DistributionSettings, *, rng: np.random.Generator, device: Any
+    real: np.ndarray,
+    synthetic: np.ndarray,
+    labels: tuple[np.ndarray, np.ndarray],
+    settings: DistributionSettings,
+    *,
+    rng: np.random.Generator,
+    device: Any,
 ) -> dict[str, float | None]:
     n = min(len(real), len(synthetic))
     out: dict[str, float | None] = dict.fromkeys(METRICS)
     if n >= 2:
         out["fd"] = fast_frechet_distance(real, synthetic, device=device)
         if n <= KID_WHOLE_SET_MAX:
-            out["kid"] = mmd2_unbiased(real, synthetic, device=device)
+            # class-stratified sets: see mmd2_unbiased on why same-class pairs are reweighted
+            out["kid"] = mmd2_unbiased(real, synthetic, real_groups=labels[0], fake_groups=labels[1], device=device)
         else:
             out["kid"] = kernel_inception_distance(
                 real,
@@ -137,7 +144,10 @@ def matched_metrics(
     if len(classes) > 1:
         result["n_per_class"] = {c: int((real_labels[draws[0][0]] == c).sum()) for c in classes}
     rng = np.random.default_rng(derived_seed(settings.seed, "jackknife", *classes))
-    points = [_statistics(real[r], synthetic[s], settings, rng=rng, device=device) for r, s in draws]
+    points = [
+        _statistics(real[r], synthetic[s], (real_labels[r], synthetic_labels[s]), settings, rng=rng, device=device)
+        for r, s in draws
+    ]
     real_rows, synthetic_rows = draws[0]
     groups = min(settings.groups, n)
     leave_outs: list[dict[str, float | None]] = []
@@ -147,8 +157,9 @@ def matched_metrics(
             side_values = []
             for g in range(groups):
                 kept = rows[ids != g]
-                pair = (real[kept], synthetic[synthetic_rows]) if side == "real" else (real[real_rows], synthetic[kept])
-                side_values.append(_statistics(*pair, settings, rng=rng, device=device))
+                r, s = (kept, synthetic_rows) if side == "real" else (real_rows, kept)
+                pair_labels = (real_labels[r], synthetic_labels[s])
+                side_values.append(_statistics(real[r], synthetic[s], pair_labels, settings, rng=rng, device=device))
             leave_outs.append(side_values)
     z = float(scipy.stats.norm.ppf(0.5 + settings.confidence / 2))
     for metric in METRICS:

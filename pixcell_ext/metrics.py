@@ -418,16 +418,47 @@ def fast_frechet_distance(real: ArrayLike, fake: ArrayLike, *, device: torch.dev
     return float(diff @ diff + trace_x + trace_y - 2.0 * tr_covmean)
 
 
-def mmd2_unbiased(real: ArrayLike, fake: ArrayLike, *, device: torch.device | str | None = None) -> float:
+def mmd2_unbiased(
+    real: ArrayLike,
+    fake: ArrayLike,
+    *,
+    real_groups: Sequence[str] | None = None,
+    fake_groups: Sequence[str] | None = None,
+    device: torch.device | str | None = None,
+) -> float:
     """KID's unbiased MMD² (cubic polynomial kernel) on two whole sets: one estimate, no subsets.
 
     For the small matched sets of a class the whole-set estimate has the lowest variance; memory is O(n²).
+    With ``*_groups`` (e.g. classes) the sets are taken as stratified samples, a fixed count per group: a plain
+    within-set U-statistic then under-weights same-group pairs (40 tiles of 9 classes: 10.9 % of the pairs instead
+    of 11.1 %), which biases MMD² below zero for equal distributions. Each pair is weighted instead so that every
+    (group, group) block carries the product of the groups' shares, as pairs drawn from the mixture would.
     """
     x = _as_tensor(real, "real", torch.float64, device)
     y = _as_tensor(fake, "fake", torch.float64, device)
     if min(x.shape[0], y.shape[0]) < 2:
         raise ValueError(f"MMD² needs at least 2 samples on each side, got real={x.shape[0]}, fake={y.shape[0]}")
-    return float(_polynomial_mmd2_unbiased(x, y))
+    if real_groups is None and fake_groups is None:
+        return float(_polynomial_mmd2_unbiased(x, y))
+    d = x.shape[1]
+
+    def weights(groups: Sequence[str] | None, n: int) -> tuple[Tensor, Tensor]:
+        codes = np.unique(np.asarray(groups if groups is not None else [""] * n), return_inverse=True)[1]
+        counts = np.bincount(codes).astype(np.float64)
+        share = torch.as_tensor(counts / n, dtype=torch.float64, device=x.device)[codes]
+        count = torch.as_tensor(counts, dtype=torch.float64, device=x.device)[codes]
+        same = torch.as_tensor(codes[:, None] == codes[None, :], device=x.device)
+        pair = share[:, None] * share[None, :] / (count[:, None] * (count[None, :] - same.double()))
+        return pair.fill_diagonal_(0.0).nan_to_num_(0.0, posinf=0.0), share / count
+
+    def within(a: Tensor, groups: Sequence[str] | None) -> Tensor:
+        pair, _ = weights(groups, a.shape[0])
+        return ((a @ a.T / d + 1.0) ** 3 * pair).sum() / pair.sum()
+
+    _, wx = weights(real_groups, x.shape[0])
+    _, wy = weights(fake_groups, y.shape[0])
+    cross = (((x @ y.T / d + 1.0) ** 3) * wx[:, None] * wy[None, :]).sum()
+    return float(within(x, real_groups) + within(y, fake_groups) - 2.0 * cross)
 
 
 # ----------------------------------------------------------------------------------------------------------------

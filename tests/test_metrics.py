@@ -313,11 +313,26 @@ def test_fast_frechet_distance_equals_frechet_distance_on_both_routes() -> None:
         assert fast_frechet_distance(x, y) == pytest.approx(frechet_distance(x, y), rel=1e-6)
 
 
-def test_mmd2_unbiased_is_kid_on_the_whole_set() -> None:
+def test_mmd2_unbiased_is_kid_on_the_whole_set_and_unbiased_on_class_stratified_sets() -> None:
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(40, 8)), rng.normal(0.3, 1.0, size=(40, 8))
     whole, _ = kernel_inception_distance(x, y, subset_size=40, num_subsets=1)
     assert mmd2_unbiased(x, y) == pytest.approx(whole, rel=1e-12)
+    assert mmd2_unbiased(x, y, real_groups=["a"] * 40, fake_groups=["a"] * 40) == pytest.approx(whole, rel=1e-12)
+
+    # Equal distributions, 20 tiles of each of 9 well-separated classes per side: the plain U-statistic sees
+    # same-class pairs slightly less often within a set than across sets, and is biased below zero.
+    centres, labels = rng.normal(0, 3, (9, 16)), np.repeat(np.arange(9).astype(str), 20)
+    plain, stratified = [], []
+    for _ in range(20):
+        a, b = (
+            centres[labels.astype(int)] + rng.normal(size=(180, 16)),
+            centres[labels.astype(int)] + rng.normal(size=(180, 16)),
+        )
+        plain.append(mmd2_unbiased(a, b))
+        stratified.append(mmd2_unbiased(a, b, real_groups=labels, fake_groups=labels))
+    error = np.std(stratified) / np.sqrt(len(stratified))
+    assert abs(np.mean(stratified)) < 3 * error < abs(np.mean(plain))
 
 
 # ---------------------------------------------------------------------------------------------------------------
