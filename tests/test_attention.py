@@ -1,9 +1,13 @@
 """The single-token cross-attention processor: same outputs and gradients as diffusers' processor, chosen per call."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from conftest import REPO
 from pixcell_ext import models
 from pixcell_ext.adapter import AdapterConfig, UNIAdapter
 from pixcell_ext.attention import SingleTokenCrossAttnProcessor, check_lora_targets, install_standard_attention
@@ -143,3 +147,15 @@ def test_falls_back_to_the_standard_processor_with_a_mask():
     assert not torch.allclose(standard[1], value[1].expand(5, -1))  # the masked image is not its value row
     assert processor.applies(attn, hidden, context, None)
     torch.testing.assert_close(processor(attn, hidden, context), AttnProcessor2_0()(attn, hidden, context), **TOLERANCE)
+
+
+def test_training_refuses_query_lora_before_loading_models(tmp_path):
+    """The flags are checked in parse_args: the run stops in seconds, with nothing loaded and nothing written."""
+    command = [
+        sys.executable, str(REPO / "train_adapter_lora.py"), "--train_data_dir", str(tmp_path / "data"),
+        "--output_dir", str(tmp_path / "run"), "--lora_targets", "attn1.to_q", "attn2.to_k",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "cannot learn with a single condition token" in result.stderr and "Found: attn2.to_k" in result.stderr
+    assert not (tmp_path / "run").exists()
