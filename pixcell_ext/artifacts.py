@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from pixcell_ext.adapter import ADAPTER_FILE, UNIAdapter, load_adapter, save_adapter
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.files import write_json_atomically, write_text_atomically
-from pixcell_ext.lora import LoRAConfig, load_lora, save_lora
+from pixcell_ext.lora import LoRAConfig, alpha_or_rank, load_lora, save_lora
 from pixcell_ext.models import PixCellTransformer2DModel
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -122,7 +122,7 @@ def write_run_summary(directory: Path, config: dict) -> None:
         data=config.get("train_data_dir") or config.get("dataset_name"),
         tokens=config["adapter_tokens"],
         rank=config["lora_rank"],
-        alpha=config["lora_alpha"] or config["lora_rank"],
+        alpha=alpha_or_rank(config["lora_alpha"], config["lora_rank"]),
         targets=", ".join(config["lora_targets"]),
         blocks=config["lora_blocks"],
         classes=", ".join(config["class_names"]),

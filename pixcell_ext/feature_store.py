@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from accelerate import Accelerator
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -22,10 +21,8 @@ from tqdm.auto import tqdm
 
 from pixcell_ext.data import ImageFolderIndex, load_tile
 from pixcell_ext.extractors import FeatureExtractor
-from pixcell_ext.features import ShardStore
+from pixcell_ext.features import ShardBuffer, ShardStore
 from pixcell_ext.files import write_text_atomically
-
-SHARD_ROWS = 1024
 
 
 @dataclass
@@ -64,12 +61,12 @@ class FeatureStore(ShardStore):
         super().__init__(directory)
         self.identity = identity
 
-    def write_features(self, keys: list[str], features: Tensor) -> None:
+    def write(self, keys: list[str], tensors: dict[str, Tensor]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         identity_file = self.directory / "identity.txt"
         if not identity_file.exists():
             write_text_atomically(identity_file, self.identity + "\n")
-        self.write(keys, {"features": features})
+        super().write(keys, tensors)
 
     def read_features(self, keys: Sequence[str]) -> np.ndarray:
         return self.read(list(keys), "features").numpy() if keys else np.empty((0, 0), dtype=np.float32)
@@ -102,17 +99,12 @@ def compute_features(
         loader = DataLoader(
             _Tiles([first_path[d] for d in mine], extractor.image_size), batch_size=batch_size, num_workers=num_workers
         )
-        pending_keys, pending = [], []
+        shards = ShardBuffer(store)
         progress = tqdm(total=len(missing), desc=f"{extractor.name} features", disable=not accelerator.is_main_process)
         for start, images in zip(range(0, len(mine), batch_size), loader, strict=True):
-            pending.append(extractor.extract(images))
-            pending_keys.extend(mine[start : start + len(images)])
+            shards.add(mine[start : start + len(images)], {"features": extractor.extract(images)})
             progress.update(len(images) * accelerator.num_processes)
-            if len(pending_keys) >= SHARD_ROWS:
-                store.write_features(pending_keys, torch.cat(pending))
-                pending_keys, pending = [], []
-        if pending_keys:
-            store.write_features(pending_keys, torch.cat(pending))
+        shards.flush()
         progress.close()
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:

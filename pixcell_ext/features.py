@@ -86,11 +86,30 @@ class ShardStore:
         return torch.stack([parts[i] for i in range(len(keys))])
 
 
+class ShardBuffer:
+    """Rows gathered batch by batch and written to `store` a shard (`SHARD_ROWS` rows) at a time: few files, and a
+    killed run loses at most one shard's work. `flush()` writes what is left."""
+
+    def __init__(self, store: ShardStore, rows: int = SHARD_ROWS):
+        self.store, self.rows = store, rows
+        self.keys: list[str] = []
+        self.parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, keys: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        self.keys.extend(keys)
+        for name, tensor in tensors.items():
+            self.parts.setdefault(name, []).append(tensor.cpu())
+        if len(self.keys) >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.keys:
+            self.store.write(self.keys, {name: torch.cat(parts) for name, parts in self.parts.items()})
+        self.keys, self.parts = [], {}
+
+
 class FeatureCache(ShardStore):
     """Training features: `latent_mean`, `latent_std` and `uni_embedding` per image."""
-
-    def write_features(self, keys: list[str], mean: torch.Tensor, std: torch.Tensor, uni: torch.Tensor) -> None:
-        self.write(keys, {"latent_mean": mean, "latent_std": std, "uni_embedding": uni})
 
 
 class CachedFeatureDataset(Dataset):
@@ -152,28 +171,16 @@ def hash_files(accelerator: Accelerator, paths: list[Path]) -> list[str]:
 def _encode_into_cache(accelerator, index, keys, missing, cache, vae, uni, resolution, batch_size, num_workers):
     mine = missing[accelerator.process_index :: accelerator.num_processes]
     loader = DataLoader(Subset(TileDataset(index, resolution), mine), batch_size=batch_size, num_workers=num_workers)
-    pending: dict[str, list] = {"keys": [], "mean": [], "std": [], "uni": []}
+    shards = ShardBuffer(cache)
     progress = tqdm(total=len(missing), desc="caching features", disable=not accelerator.is_main_process)
     for batch in loader:
         mean, std = encode_latent_distribution(vae, vae_input(batch["vae_pixels"].to(accelerator.device)))
-        pending["keys"].extend(keys[i] for i in batch["index"].tolist())
-        pending["mean"].append(mean.cpu())
-        pending["std"].append(std.cpu())
-        pending["uni"].append(uni(batch["uni_pixels"].to(accelerator.device)).squeeze(1).float().cpu())
+        embedding = uni(batch["uni_pixels"].to(accelerator.device)).squeeze(1).float()
+        tensors = {"latent_mean": mean, "latent_std": std, "uni_embedding": embedding}
+        shards.add([keys[i] for i in batch["index"].tolist()], tensors)
         progress.update(len(batch["index"]) * accelerator.num_processes)
-        if len(pending["keys"]) >= SHARD_ROWS:
-            _flush(cache, pending)
-    if pending["keys"]:
-        _flush(cache, pending)
+    shards.flush()
     progress.close()
-
-
-def _flush(cache: FeatureCache, pending: dict) -> None:
-    cache.write_features(
-        pending["keys"], torch.cat(pending["mean"]), torch.cat(pending["std"]), torch.cat(pending["uni"])
-    )
-    for values in pending.values():
-        values.clear()
 
 
 @torch.no_grad()

@@ -87,6 +87,11 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def alpha_or_rank(alpha: float | None, rank: int) -> float:
+    """`--lora_alpha` left unset means alpha = rank (scale 1), the value the PEFT-facing metadata states anyway."""
+    return rank if alpha is None else alpha
+
+
 @dataclass
 class LoRAConfig:
     """Everything needed to rebuild the same LoRA layers on a fresh model; stored inside every saved file."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -129,3 +130,19 @@ def test_only_temporaries_of_writers_that_no_longer_run_are_swept(tmp_path):
         path.write_text("")
     assert remove_stale_temporaries(tmp_path, "manifest.csv") == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_buffered_rows_are_written_a_shard_at_a_time_and_read_back_in_order(tmp_path):
+    from pixcell_ext.features import ShardBuffer
+
+    store = ShardStore(tmp_path)
+    shards = ShardBuffer(store, rows=4)
+    keys = [f"k{i}" for i in range(13)]
+    for start in range(0, 13, 3):  # batches of 3, 3, 3, 3, 1: a shard closes once 4 rows have arrived
+        batch = keys[start : start + 3]
+        shards.add(batch, {"x": torch.arange(start, start + len(batch)).float().unsqueeze(1)})
+    shards.flush()  # the last row
+    store.refresh()
+    rows_per_shard = sorted(Counter(shard for shard, _ in store.rows.values()).values())
+    assert rows_per_shard == [1, 6, 6]
+    assert store.read(keys[::-1], "x").squeeze(1).tolist() == list(range(12, -1, -1))
