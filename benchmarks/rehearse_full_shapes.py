@@ -1,31 +1,33 @@
 """Dress rehearsal at PixCell-256's real shapes on a CPU: every script once, then the memory model a GPU user needs.
 
-    python benchmarks/rehearse_full_shapes.py              # real shapes (608 M + 681 M + 84 M), <= 20 min on 2 cores
-    python benchmarks/rehearse_full_shapes.py --reduced    # real widths, 2 blocks per model: a 2-minute self-test
+    python benchmarks/rehearse_full_shapes.py              # real shapes (608 M + 681 M + 84 M parameters)
+    python benchmarks/rehearse_full_shapes.py --reduced    # real widths, 2 blocks per model: a quick self-test
 
 The random-weight stack is written once (bf16, hub layouts) by `pixcell_ext.full_random` to --assets_dir. Then
 each phase is a real `accelerate launch` of the real script (one CPU process, explicit launcher flags, so no
 accelerate config file of the machine can change it):
 
-  train_otf_fp32 / train_otf_bf16      on-the-fly features, --gradient_checkpointing, 1 update of batch 2
+  train_otf_fp32 / train_otf_bf16      on-the-fly features, --gradient_checkpointing, 1 update (batch 1 in fp32,
+                                       2 in bf16)
   train_cache_fp32 / train_cache_bf16  --feature_cache (built by the first), same
   train_kill / train_resume            cached bf16, 2 updates, SIGKILL once checkpoint-1 exists, then
                                        --resume_from_checkpoint latest finishes the run
   generate                             2 tiles (2 classes x 1), 2 DPM-Solver steps, bf16, from train_cache_bf16
   evaluate                             those 2 tiles against the real tiles (UNI2-h metrics)
 
-Every phase prints its wall time and the peak RSS of its process tree (wait4's rusage of the launcher, which
-includes the script it waited for). Each training phase checks that its update happened: all trained weights finite
-and LoRA B non-zero (a skipped non-finite step leaves it at zero).
+Every phase prints its wall time, its CPU time and the peak RSS of its process tree (wait4's rusage of the
+launcher, which includes the script it waited for). On a shared machine the CPU time says what the wall time would
+be on an idle one (about CPU time / cores for the compute-bound phases). Each training phase checks that its update
+happened: all trained weights finite and LoRA B non-zero (a skipped non-finite step leaves it at zero).
 
 The memory model is measured in this process on the same models: bytes per cached tile (the cache on disk), frozen
 weights, trainable + AdamW state, and the tensor memory of one training forward + backward at micro-batch 1 and 2,
-with and without gradient checkpointing, in fp32 and bf16 autocast. It counts the bytes of every tensor storage
-created during the step and still alive (a TorchDispatchMode with weak references), so it is what a GPU allocator
-would have to hold, not the CPU's RSS. The difference between batch 2 and 1 is the memory per tile; from it, the
-largest bf16 micro-batch that fits in 24, 40, 80 and 141 GiB, keeping RESERVE_GIB for the CUDA context and
-workspaces. Allocator fragmentation is not modelled: `bench_train.py --preset full --find_max_batch` measures the
-real limit on a GPU.
+with and without gradient checkpointing, with bf16 frozen weights and bf16 autocast as `--mixed_precision bf16`
+gives them. It counts the bytes of every tensor storage created during the step and still alive (a
+TorchDispatchMode with weak references), so it is what a GPU allocator would have to hold, not the CPU's RSS. The
+difference between batch 2 and 1 is the memory per tile; from it, the largest bf16 micro-batch that fits in 24, 40,
+80 and 141 GiB, keeping RESERVE_GIB for the CUDA context and workspaces. Allocator fragmentation is not modelled:
+`bench_train.py --preset full --find_max_batch` measures the real limit on a GPU.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -69,13 +72,20 @@ CLASSES = ("ADI", "BACK")  # two classes of the tile folder: 2 validation tiles 
 BATCH = {"fp32": 1, "bf16": 2}  # per training phase: fp32 at batch 1 keeps the rehearsal inside 20 minutes
 ADAM_BYTES_PER_PARAM = 12  # fp32 weight + two fp32 AdamW moments; the gradient is in the measured step bytes
 PHASE_TIMEOUT_S = 900
-# Batch sizes of the in-process measurements: bf16 (the table's precision) at 1 and 2 for the per-tile slope, fp32
-# at 1 only, which keeps the measurement to a few minutes of CPU.
-MEMORY_BATCHES = {"fp32": (1,), "bf16": (1, 2)}
-RUN_FOLDERS = (
-    "logs", "train-otf-fp32", "train-otf-bf16", "train-cache-fp32", "train-cache-bf16", "train-kill",
-    "feature_cache", "synthetic", "evaluation",
-)  # fmt: skip
+# Batch sizes of the in-process measurements, bf16 only (the precision of GPU runs): 1 and 2 give the per-tile slope.
+MEMORY_BATCHES = {"bf16": (1, 2)}
+# The folders each phase writes, emptied before it runs (the scripts refuse to write over an earlier run); a phase
+# run alone (--phases) reuses the others' outputs, e.g. the feature cache or the run it generates from.
+PHASE_FOLDERS = {
+    "train_otf_fp32": ("train-otf-fp32",),
+    "train_otf_bf16": ("train-otf-bf16",),
+    "train_cache_fp32": ("train-cache-fp32", "feature_cache"),
+    "train_cache_bf16": ("train-cache-bf16",),
+    "train_kill": ("train-kill",),
+    "train_resume": (),
+    "generate": ("synthetic",),
+    "evaluate": ("evaluation",),
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,7 +95,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--output_dir", default=None, help="Default: outputs/rehearsal-full (or -reduced); run folders replaced."
     )
-    p.add_argument("--phases", nargs="+", default=None, help="Run only these phases (default: all, in order).")
+    p.add_argument("--phases", nargs="+", choices=sorted(PHASE_FOLDERS), default=None, help="Default: all, in order.")
     p.add_argument("--skip_memory_model", action="store_true")
     return p.parse_args()
 
@@ -97,6 +107,7 @@ def parse_args() -> argparse.Namespace:
 class PhaseResult:
     name: str
     seconds: float
+    cpu_seconds: float  # user + system of the process tree: what the phase costs on an otherwise idle machine
     peak_rss_mib: float
     returncode: int
     note: str = ""
@@ -140,12 +151,17 @@ def run_phase(name: str, command: list[str], log_dir: Path, kill_when: Callable[
                 os.killpg(proc.pid, signal.SIGKILL)
             time.sleep(0.2)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    result = PhaseResult(name, time.perf_counter() - start, usage.ru_maxrss / 1024, proc.returncode, note)
+    cpu = usage.ru_utime + usage.ru_stime
+    result = PhaseResult(name, time.perf_counter() - start, cpu, usage.ru_maxrss / 1024, proc.returncode, note)
     return result
 
 
 def print_phase(result: PhaseResult) -> None:
-    print(f"  {result.name:<17}{result.seconds:>8.1f} s{result.peak_rss_mib:>9.0f} MiB  {result.note}", flush=True)
+    print(
+        f"  {result.name:<17}{result.seconds:>8.1f} s{result.cpu_seconds:>9.1f} s{result.peak_rss_mib:>9.0f} MiB  "
+        f"{result.note}",
+        flush=True,
+    )
 
 
 def phase_failed(result: PhaseResult, log_dir: Path) -> str:
@@ -343,7 +359,7 @@ def measure_memory(stack, cache_dir: Path) -> MemoryModel:
     cached_tile_bytes = sum(s.stat().st_size for s in shards) / max(rows, 1)
 
     step, encoder, frozen, trainable_params = {}, {}, {}, 0
-    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for precision, dtype in (("bf16", torch.bfloat16),):
         uni = models.load_uni(str(stack.uni), dtype=dtype)
         vae = models.load_vae(str(stack.vae), dtype=dtype)
         resolution = models.vae_scale_factor(vae) * 32  # PixCell-256's 32x32 latent: 256 px tiles
@@ -458,43 +474,50 @@ def machine() -> str:
 def main(args: argparse.Namespace) -> None:
     shapes = "reduced" if args.reduced else "full"
     assets = Path(args.assets_dir or f"{DEFAULT_DIR}/{shapes}")
-    out = Path(args.output_dir or f"outputs/rehearsal-{shapes}")
-    for name in RUN_FOLDERS:  # every phase starts afresh: scripts refuse to write over an earlier run
-        shutil.rmtree(out / name, ignore_errors=True)
+    assets, out = assets.resolve(), Path(args.output_dir or f"outputs/rehearsal-{shapes}").resolve()
+    wanted = args.phases or list(PHASE_FOLDERS)
+    for phase in wanted:
+        for folder in PHASE_FOLDERS[phase]:
+            shutil.rmtree(out / folder, ignore_errors=True)
     log_dir = out / "logs"
-    log_dir.mkdir(parents=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
     print(f"rehearse_full_shapes: {shapes} shapes; {datetime.date.today().isoformat()}; {machine()}")
     print(f"  assets {assets}, outputs {out}")
     start = time.perf_counter()
 
     writer = [sys.executable, "-m", "pixcell_ext.full_random", "--output_dir", str(assets)]
     writer += ["--reduced"] if args.reduced else []
-    print(f"\n  {'phase':<17}{'wall':>10}{'peak RSS':>13}")
+    print(f"\n  {'phase':<17}{'wall':>10}{'CPU':>11}{'peak RSS':>13}   (CPU: user + system of the process tree)")
     results = [run_phase("write_assets", writer, log_dir)]
     print_phase(results[0])
     if results[0].returncode != 0:
         raise SystemExit(phase_failed(results[0], log_dir))
     stack = write_full_random_stack(assets, reduced=args.reduced)  # already written: returns the paths
-    wanted = set(args.phases) if args.phases else {"all"}
-    all_phases = {
-        "train_otf_fp32", "train_otf_bf16", "train_cache_fp32", "train_cache_bf16", "train_kill", "train_resume",
-        "generate", "evaluate",
-    }  # fmt: skip
-    results += run_phases(stack, out, log_dir, all_phases if "all" in wanted else wanted)
+    results += run_phases(stack, out, log_dir, set(wanted))
     summary = {
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "shapes": shapes,
         "phases": [vars(r) for r in results],
     }
+    cpu_seconds = sum(r.cpu_seconds for r in results)
     if not args.skip_memory_model:
         print("\n  measuring the memory model in this process ...")
+        own = resource.getrusage(resource.RUSAGE_SELF)
         mm = measure_memory(stack, out / "feature_cache")
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        memory_cpu = used.ru_utime + used.ru_stime - own.ru_utime - own.ru_stime
+        print(f"  (memory model: {mm.seconds:.0f} s wall, {memory_cpu:.0f} s CPU)")
+        cpu_seconds += memory_cpu
         summary["memory_model"] = print_memory_model(mm)
-        summary["memory_model"]["seconds"] = mm.seconds
+        summary["memory_model"].update(seconds=mm.seconds, cpu_seconds=memory_cpu)
     summary["total_seconds"] = time.perf_counter() - start
+    summary["total_cpu_seconds"] = cpu_seconds
     (out / "rehearsal.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\n  total wall time {summary['total_seconds']:.0f} s; summary in {out / 'rehearsal.json'}")
+    print(
+        f"\n  total wall time {summary['total_seconds']:.0f} s, CPU time {cpu_seconds:.0f} s (1-min load average "
+        f"now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs); summary in {out / 'rehearsal.json'}"
+    )
 
 
 if __name__ == "__main__":
