@@ -11,10 +11,12 @@ import argparse
 import copy
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pixcell_ext.mini import MiniStack, mini_models
-from pixcell_ext.tiny import TINY_RESOLUTION, TinyStack, write_tiny_stack
+
+if TYPE_CHECKING:  # the tiny stack's builder is imported only when --preset tiny is chosen
+    from pixcell_ext.tiny import TinyStack
 
 TINY_DIR = "tiny_assets"
 
@@ -28,6 +30,8 @@ def tiny_models(stack: TinyStack) -> dict:
 
 
 def tiny_training(stack: TinyStack) -> dict:
+    from pixcell_ext.tiny import TINY_RESOLUTION
+
     return {
         **tiny_models(stack),
         "train_data_dir": str(stack.data),
@@ -172,6 +176,8 @@ def parse_with_preset(
 
         parser.set_defaults(**presets[known.preset](write_mini_stack(known.mini_dir)))
     elif known.preset is not None:
+        from pixcell_ext.tiny import write_tiny_stack
+
         stack = write_tiny_stack(known.tiny_dir)
         parser.set_defaults(**presets[known.preset](stack))
     return parser.parse_args(argv)

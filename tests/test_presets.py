@@ -56,3 +56,17 @@ def test_every_preset_value_is_a_flag_of_its_script(name, tiny_stack, tmp_path, 
     for preset, stack in (("tiny", tiny_stack), ("mini", mini_stack(tmp_path))):
         unknown = sorted(set(table[preset](stack)) - flags)
         assert not unknown, f"--preset {preset} of {script.__name__} sets {unknown}, which are not flags"
+
+
+def test_the_scripts_import_no_test_asset_builder():
+    """Stand-ins and random stacks are written only when a preset asks for them, never on the production path."""
+    import subprocess
+
+    builders = ["pixcell_ext.tiny", "pixcell_ext.testing_assets", "pixcell_ext.toy_histology", "pixcell_ext.mini_stack"]
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+        "import train_adapter_lora, generate_synthetic, evaluate_synthetic; "
+        f"print(sorted(set(sys.modules) & set({builders!r})))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
