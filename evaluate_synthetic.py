@@ -234,7 +234,8 @@ def main(args: argparse.Namespace) -> None:
     cards, card_notes = evaluation.write_dataset_card(report, provenance, [Path(args.synthetic_dir), output_dir])
     report["dataset_cards"], report["notes"] = [str(c) for c in cards], notes + card_notes
     written = evaluation.write_report(output_dir, report)
-    logger.info(f"Wrote {written['json']}, {written['csv']} and {len(plots)} plots under {output_dir / 'plots'}")
+    summary = "\n".join([f"Overall, value [{args.confidence:.0%} interval] (n):", *evaluation.summary_lines(report)])
+    logger.info(f"{summary}\nWrote {written['json']} and {written['csv']}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from pixcell_ext.lpips_scores import LPIPSScorer, LPIPSSettings, lpips_metrics, 
 from pixcell_ext.manifest import GENERATION_CONFIG_FILE, References, read_references
 from pixcell_ext.memorisation import memorisation_check, write_closest_pairs
 from pixcell_ext.plots import write_plots
-from pixcell_ext.report import write_dataset_card, write_report
+from pixcell_ext.report import summary_lines, write_dataset_card, write_report
 from pixcell_ext.splits import arrange_tiles, select_probe_rows, split_per_class, subsample_per_class
 
 __all__ = [
@@ -77,6 +77,7 @@ __all__ = [
     "select_probe_rows",
     "split_per_class",
     "subsample_per_class",
+    "summary_lines",
     "synthetic_provenance",
     "timm_extractor",
     "uni_extractor",

@@ -64,6 +64,24 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The headline numbers as ``value [low, high] (n)`` lines for the console: pooled metrics and probes per space."""
+    lines = []
+    for name, entry in report["extractors"].items():
+        overall = entry.get("distribution", {}).get(OVERALL)
+        cells = [f"{m} {_interval(overall[m])}" for m in DISTRIBUTION_METRICS] if overall else []
+        probe = entry.get("probe") or {}
+        cells += [f"{side} {_interval(scores['balanced_accuracy_ci'])}" for side, scores in probe.items()]
+        lines.append(f"{name}: " + "; ".join(cells))
+    memorisation = report.get("memorisation") or {}
+    if "possible_copies" in memorisation:
+        lines.append(
+            f"memorisation ({memorisation['feature_space']}): possible copies "
+            f"{_interval(memorisation['possible_copies'])}, flagged {memorisation['flagged']}"
+        )
+    return lines
+
+
 def write_report(output_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str, Path]:
     """Write ``metrics.json``, ``per_class_metrics.csv`` and the plots; returns their paths."""
     output_dir = Path(output_dir)

@@ -271,13 +271,16 @@ def test_tiny_preset_on_another_synthetic_set_does_not_call_it_a_standin_and_war
     monkeypatch.chdir(tmp_path)
     synthetic = _noisy_copy(tiny_stack.data, tmp_path / "generated", sigma=8, seed=0)  # no manifest.csv
     base = ["--preset", "tiny", "--tiny_dir", str(tiny_stack.data.parent), "--extractors", "timm"]
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         report = _run([*base, "--synthetic_dir", str(synthetic), "--output_dir", str(tmp_path / "out")])
     assert report["synthetic_is_standin"] is False
     assert not any("stand-in" in note for note in report["notes"])
     assert any("random tiny encoders" in note for note in report["notes"])
     assert report["warnings"].count(evaluation.NO_MANIFEST_WARNING) == 1
     assert sum(evaluation.NO_MANIFEST_WARNING in r.getMessage() for r in caplog.records) == 1
+    kid = report["extractors"][f"timm:{TIMM}"]["distribution"]["overall"]["kid"]
+    printed = f"kid {kid['value']:.3g} [{kid['low']:.3g}, {kid['high']:.3g}] (n=36)"
+    assert any(printed in r.getMessage() for r in caplog.records)  # headline numbers printed with their intervals
 
     default = _run([*base, "--output_dir", str(tmp_path / "standin")])
     assert default["synthetic_is_standin"] is True
