@@ -78,6 +78,10 @@ class ImageFolderIndex:
         """Tile `i` as 8-bit RGB."""
         return read_rgb(self._source(i))
 
+    def tile(self, i: int, size: int) -> torch.Tensor:
+        """Tile `i` as `load_tile` reads a file: uint8 [3, size, size]."""
+        return load_tile(self._source(i), size)
+
     def digest(self, i: int) -> str:
         """SHA-256 of tile `i`'s encoded bytes: a file's content hash, or the same hash of a row's stored bytes, so
         the same image file keys the same feature-cache entry whether it came from a folder or a dataset."""

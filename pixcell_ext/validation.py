@@ -15,7 +15,7 @@ from accelerate.utils import gather_object
 from PIL import Image, ImageDraw
 
 from pixcell_ext.conditioning import AdaptedPixCell
-from pixcell_ext.data import ImageFolderIndex, model_inputs
+from pixcell_ext.data import ImageFolderIndex
 from pixcell_ext.files import write_png_atomically
 from pixcell_ext.models import decode_latents
 from pixcell_ext.sampling import sample_latents_cfg, to_uint8_images
@@ -98,7 +98,7 @@ def reference_embeddings(dataset, ids: list[int], uni, device) -> torch.Tensor:
 
 
 def reference_tiles(index: ImageFolderIndex, ids: list[int], resolution: int) -> list[np.ndarray]:
-    return [model_inputs(index.image(i), resolution)["vae_pixels"].permute(1, 2, 0).numpy() for i in ids]
+    return [index.tile(i, resolution).permute(1, 2, 0).numpy() for i in ids]
 
 
 def run(
