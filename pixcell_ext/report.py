@@ -64,6 +64,13 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def low_data_text(curve: dict[str, Any]) -> str:
+    """Balanced accuracy with k real tiles per class, then with the synthetic set added, for every k."""
+    return "; ".join(
+        f"k={p['k']}: {_interval(p['real'])} -> {_interval(p['real_plus_synthetic'])}" for p in curve["points"]
+    )
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """The headline numbers as ``value [low, high] (n)`` lines for the console: pooled metrics and probes per space."""
     lines = []
@@ -73,6 +80,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         probe = entry.get("probe") or {}
         cells += [f"{side} {_interval(scores['balanced_accuracy_ci'])}" for side, scores in probe.items()]
         lines.append(f"{name}: " + "; ".join(cells))
+        if entry.get("low_data"):
+            lines.append(f"{name} low data: {low_data_text(entry['low_data'])}")
     memorisation = report.get("memorisation") or {}
     if "possible_copies" in memorisation:
         lines.append(
@@ -141,6 +150,10 @@ def dataset_card(report: dict[str, Any], provenance: dict[str, Any]) -> str:
         cells = [_interval(overall.get(m)) for m in DISTRIBUTION_METRICS]
         cells += [_interval(probe.get(p, {}).get("balanced_accuracy_ci")) for p in ("TSTR", "TRTR", "TRTR_full")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    curves = [(name, e["low_data"]) for name, e in report["extractors"].items() if e.get("low_data")]
+    if curves:
+        lines += ["", "Low-data use (balanced accuracy with k real tiles per class -> with this set added):", ""]
+        lines += [f"- {name}: {low_data_text(curve)}" for name, curve in curves]
     memorisation = report.get("memorisation") or {}
     if "possible_copies" in memorisation:
         lines += [

@@ -250,6 +250,7 @@ def test_tiny_preset_writes_json_csv_and_plots(tiny_stack, tmp_path, monkeypatch
     assert report["lpips"] == {"skipped": report["lpips"]["skipped"]}
     card = (out / "DATASET_CARD.md").read_text()
     assert "UNI2-h's terms" in card and "commercial" in card and "| uni |" in card and "STAND-IN" in card
+    assert "- uni: k=2: " in card  # the low-data curve, in the card as in plots/low_data.png
 
     with open(out / "per_class_metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
