@@ -1,9 +1,10 @@
 """Confidence intervals for the report: every headline number is stored as ``{value, low, high, n}``.
 
-The intervals are percentile bootstraps: the statistic is recomputed on resamples (of tiles, of test tiles or of
-pairs) drawn with a seeded generator, and the interval is the central ``confidence`` share of those values. They
-describe the sampling spread at the sample size used, so two runs differ meaningfully only where their intervals
-(at equal n) do not overlap.
+Means over items (LPIPS pairs) and balanced accuracies (test tiles) get percentile bootstraps: the statistic is
+recomputed on resamples drawn with a seeded generator, and the interval is the central ``confidence`` share of those
+values. The distribution metrics use a jackknife instead (`distribution`), because resampling with replacement
+repeats tiles, which distorts k-NN radii and covariances. Either way an interval describes the sampling spread at
+the sample size used: two runs differ meaningfully only where their intervals (at equal n) do not overlap.
 """
 
 from __future__ import annotations
