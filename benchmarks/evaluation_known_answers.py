@@ -25,6 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate_synthetic  # noqa: E402
+from pixcell_ext.data import read_rgb  # noqa: E402
+from pixcell_ext.files import write_folder_once  # noqa: E402
 from pixcell_ext.judge import timm_extractor_arguments  # noqa: E402
 from pixcell_ext.mini import MINI_ASSETS  # noqa: E402
 from pixcell_ext.mini_stack import PART_FOLDERS  # noqa: E402
@@ -32,15 +34,15 @@ from pixcell_ext.toy_histology import write_toy_dataset  # noqa: E402
 
 
 def noisy_copy(source: Path, target: Path, sigma: float = 2.0) -> Path:
-    if target.exists():
-        return target
-    rng = np.random.default_rng(0)
-    for path in sorted(source.glob("*/*")):
-        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
-        noisy = np.clip(np.rint(pixels + rng.normal(0, sigma, pixels.shape)), 0, 255).astype(np.uint8)
-        (target / path.parent.name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(noisy).save(target / path.parent.name / f"{path.stem}.png")
-    return target
+    def write(folder: Path) -> None:
+        rng = np.random.default_rng(0)
+        for path in sorted(source.glob("*/*")):
+            pixels = np.asarray(read_rgb(path), dtype=np.float64)
+            noisy = np.clip(np.rint(pixels + rng.normal(0, sigma, pixels.shape)), 0, 255).astype(np.uint8)
+            (folder / path.parent.name).mkdir(exist_ok=True)
+            Image.fromarray(noisy).save(folder / path.parent.name / f"{path.stem}.png")
+
+    return write_folder_once(target, write)
 
 
 def main() -> None:
