@@ -535,7 +535,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--overwrite", action="store_true", help="Rebuild parts that already exist.")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="Intra-op threads. The committed build used 1: on a busy shared machine more threads were ~10x slower, "
+        "and the thread count changes float rounding, so reproduce it with the same value.",
+    )
     return parser.parse_args(argv)
 
 

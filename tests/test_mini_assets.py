@@ -176,7 +176,7 @@ def test_judge_classifies_heldout_target_tiles():
 
 
 def test_judge_loads_as_a_timm_feature_space():
-    from pixcell_ext.evaluation import timm_extractor
+    from pixcell_ext.extractors import timm_extractor
     from pixcell_ext.judge import timm_extractor_arguments
 
     name, weights, options = timm_extractor_arguments(MINI_ASSETS / PART_FOLDERS["judge"])
