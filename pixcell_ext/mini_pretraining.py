@@ -48,15 +48,15 @@ class PretrainingConfig:
     patch_size: int = 2
     # PixCell-256 steps its sin-cos positions by one per patch; at an 4x4 patch grid a scale of 1 keeps that step.
     interpolation_scale: float = 1.0
-    batch_size: int = 64
-    num_steps: int = 4000
+    batch_size: int = 32
+    num_steps: int = 3000
     learning_rate: float = 5e-4
-    warmup_steps: int = 200
+    warmup_steps: int = 100
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     cond_dropout: float = 0.1
     vlb_weight: float = 1e-3
-    ema_decay: float = 0.999
+    ema_decay: float = 0.998
     seed: int = 0
 
 
