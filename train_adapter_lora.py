@@ -26,14 +26,22 @@ from pixcell_ext import (
     data,
     diffusion,
     features,
-    mini,
     models,
     presets,
     training,
     validation,
 )
 from pixcell_ext.adapter import AdapterConfig
-from pixcell_ext.lora import DEFAULT_TARGET_MODULES, LoRAConfig, block_rank_pattern, lora_parameters, parse_block_spec
+from pixcell_ext.attention import check_lora_targets
+from pixcell_ext.compilation import compile_transformer
+from pixcell_ext.lora import (
+    DEFAULT_TARGET_MODULES,
+    LoRAConfig,
+    alpha_or_rank,
+    block_rank_pattern,
+    lora_parameters,
+    parse_block_spec,
+)
 from pixcell_ext.runtime import (
     apply_gradient_clipping_to_deepspeed,
     check_process_group,
@@ -44,7 +52,7 @@ from pixcell_ext.runtime import (
 )
 
 logger = get_logger(__name__)
-PRESETS = {"mini": mini.mini_training, "tiny": presets.tiny_training}
+PRESETS = presets.TRAINING_PRESETS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--enable_vae_slicing", action="store_true")
     group.add_argument("--enable_vae_tiling", action="store_true")
     group.add_argument("--allow_tf32", action="store_true")
+    group.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks.")
     group = parser.add_argument_group("outputs")
     group.add_argument("--output_dir", default="outputs/pixcell-adapter-lora")
     group.add_argument("--logging_dir", default="logs", help="Under --output_dir.")
@@ -145,6 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.overwrite and args.resume_from_checkpoint:
         parser.error("--overwrite starts a new run and --resume_from_checkpoint continues one: give one of them.")
+    try:
+        check_lora_targets(args.lora_targets, args.adapter_tokens)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -180,6 +193,8 @@ def main(args: argparse.Namespace) -> None:
     model = training.build_adapted_model(
         stack.transformer, lora_config, adapter_config, gradient_checkpointing=args.gradient_checkpointing
     )
+    if args.compile:
+        compile_transformer(stack.transformer)
     trainable = training.trainable_parameters(model)
     dataset = training_dataset(args, accelerator, index, resolution)
     noise_scheduler = models.training_scheduler(stack.scheduler_config)
@@ -354,7 +369,7 @@ def model_configs(
     num_layers = transformer_config.num_layers
     lora_config = LoRAConfig(
         rank=args.lora_rank,
-        alpha=args.lora_alpha or args.lora_rank,
+        alpha=alpha_or_rank(args.lora_alpha, args.lora_rank),
         target_modules=tuple(args.lora_targets),
         blocks=None if args.lora_blocks == "all" else parse_block_spec(args.lora_blocks, num_layers),
         rank_pattern=block_rank_pattern(args.lora_block_ranks, num_layers),
