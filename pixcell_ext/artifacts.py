@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from pixcell_ext.adapter import ADAPTER_FILE, UNIAdapter, load_adapter, save_adapter
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.files import write_json_atomically, write_text_atomically
-from pixcell_ext.lora import LoRAConfig, alpha_or_rank, load_lora, save_lora
+from pixcell_ext.lora import LoRAConfig, alpha_or_rank, load_lora, reporting_damage, save_lora
 from pixcell_ext.models import PixCellTransformer2DModel
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -65,7 +65,9 @@ def load_trained(directory: str | os.PathLike, transformer: PixCellTransformer2D
 def load_trained_into(model: AdaptedPixCell, directory: str | os.PathLike) -> None:
     """Restore adapter and LoRA weights of a checkpoint into a model that already has both."""
     directory = Path(directory)
-    model.adapter.load_state_dict(load_file(str(directory / ADAPTER_FILE)), strict=True)
+    with reporting_damage(directory / ADAPTER_FILE):
+        state_dict = load_file(str(directory / ADAPTER_FILE))
+    model.adapter.load_state_dict(state_dict, strict=True)
     load_lora(model.transformer, directory / LORA_FILE)
 
 

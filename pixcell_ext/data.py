@@ -351,23 +351,31 @@ def center_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def resized_uint8(image: Image.Image, size: int) -> torch.Tensor:
-    """uint8 [3, size, size]; bicubic with PIL's antialiasing when the size changes."""
+# The authors extracted UNI2-h features with torchvision's `Resize(224)` on PIL images: antialiased bilinear.
+# `UNIEncoder.preprocess` resizes other input sizes the same way on the device.
+UNI_RESAMPLE = Image.BILINEAR
+
+
+def resized_uint8(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> torch.Tensor:
+    """uint8 [3, size, size]; PIL's antialiased `resample` filter when the size changes."""
     if image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
+        image = image.resize((size, size), resample)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def load_tile(source: str | os.PathLike | io.BytesIO, size: int) -> torch.Tensor:
+def load_tile(source: str | os.PathLike | io.BytesIO, size: int, resample: int = Image.BICUBIC) -> torch.Tensor:
     """uint8 [3, size, size]: the centre square of a tile file, resized once from its original pixels. The one
     tile reader: training, generation's references, evaluation and the contact sheets all see a tile this way."""
-    return resized_uint8(center_square(read_rgb(source)), size)
+    return resized_uint8(center_square(read_rgb(source)), size, resample)
 
 
 def model_inputs(image: Image.Image, resolution: int) -> dict[str, torch.Tensor]:
     """The two views of one tile, each resized from the original: UNI2-h's 224 px and the VAE's `resolution` px."""
     square = center_square(image)
-    return {"uni_pixels": resized_uint8(square, UNI_IMAGE_SIZE), "vae_pixels": resized_uint8(square, resolution)}
+    return {
+        "uni_pixels": resized_uint8(square, UNI_IMAGE_SIZE, UNI_RESAMPLE),
+        "vae_pixels": resized_uint8(square, resolution),
+    }
 
 
 def vae_input(pixels: torch.Tensor) -> torch.Tensor:

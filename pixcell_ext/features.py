@@ -40,11 +40,15 @@ def model_identity(name_or_path: str) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
+PREPROCESSING = "uni-bilinear-224"
+
+
 def entry_keys(
     digests: list[str], vae_identity: str, uni_identity: str, resolution: int, dtype: torch.dtype
 ) -> list[str]:
-    """`dtype` is the one the encoders ran in: bf16 features differ from fp32 ones by more than training noise."""
-    parts = f"{vae_identity}|{uni_identity}|{resolution}|{dtype}"
+    """`dtype` is the one the encoders ran in: bf16 features differ from fp32 ones by more than training noise.
+    `PREPROCESSING` names how pixels reach the encoders, so a change there invalidates entries made the old way."""
+    parts = f"{vae_identity}|{uni_identity}|{resolution}|{dtype}|{PREPROCESSING}"
     return [hashlib.sha256(f"{d}|{parts}".encode()).hexdigest() for d in digests]
 
 

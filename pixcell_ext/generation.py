@@ -37,7 +37,7 @@ import torch
 from pixcell_ext.adapter import ADAPTER_FILE, AdapterConfig, UNIAdapter, read_adapter_config
 from pixcell_ext.artifacts import LORA_FILE, load_trained, read_training_config
 from pixcell_ext.conditioning import AdaptedPixCell
-from pixcell_ext.data import DataError, file_digest, load_tile, read_rgb, scan_image_folder
+from pixcell_ext.data import UNI_RESAMPLE, DataError, file_digest, load_tile, read_rgb, scan_image_folder
 from pixcell_ext.features import model_identity
 from pixcell_ext.files import write_json_atomically, write_png_atomically
 from pixcell_ext.lora import DamagedFileError, LoRAMismatchError, merge_lora, read_lora_config
@@ -231,7 +231,7 @@ def lora_sha256(lora_dir: str | None) -> str | None:
 
 def reference_pixels(path: Path) -> torch.Tensor:
     """uint8 [3, 224, 224]: the centre square of a tile resized once for UNI2-h, as training saw it."""
-    return load_tile(path, UNI_IMAGE_SIZE)
+    return load_tile(path, UNI_IMAGE_SIZE, UNI_RESAMPLE)
 
 
 @dataclass(frozen=True)

@@ -57,3 +57,20 @@ def test_overwrite_deletes_only_what_a_run_writes(tmp_path):
     assert len(list(run.iterdir())) == 11  # resuming touches nothing
     artifacts.claim_output_dir(run, resuming=False, overwrite=True, logging_dir="logs", is_main=True)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-notes", "hub_dataset", "x"]
+
+
+def test_resuming_from_a_checkpoint_with_a_damaged_adapter_names_the_file(tmp_path, tiny_stack):
+    """Resume restores the adapter with `load_trained_into`: a truncated file must be named, not a safetensors trace."""
+    from pixcell_ext import models, training
+    from pixcell_ext.adapter import ADAPTER_FILE, AdapterConfig
+    from pixcell_ext.lora import DamagedFileError, LoRAConfig
+
+    transformer = models.load_transformer(str(tiny_stack.pixcell))
+    adapter_config = AdapterConfig(transformer.config.caption_channels, 1, 16)
+    lora_config = LoRAConfig(rank=2, alpha=2, target_modules=("attn1.to_q",))
+    model = training.build_adapted_model(transformer, lora_config, adapter_config)
+    artifacts.save_trained(tmp_path, model, lora_config)
+    adapter_file = tmp_path / ADAPTER_FILE
+    adapter_file.write_bytes(adapter_file.read_bytes()[:-40])
+    with pytest.raises(DamagedFileError, match=f"'{adapter_file}' is damaged or incomplete"):
+        artifacts.load_trained_into(model, tmp_path)
