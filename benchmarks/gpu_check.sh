@@ -98,7 +98,9 @@ step bench_train "$T_BENCH_TRAIN" "$PYTHON" benchmarks/bench_train.py --preset f
     --mixed_precision bf16 --repeats 5 --warmup 1 --peak_tflops "$PEAK_TFLOPS"
 
 # ---------------------------------------------------------------------------------------------------- 4. generation
-if [[ "$DRY_RUN" != 1 ]] && "$PYTHON" benchmarks/bench_generate.py --help 2>/dev/null | grep -q "full"; then
+# argparse lists --presets' choices as {tiny,small,...}: use bench_generate.py only if 'full' is one of them.
+FULL_CHOICE='\{[a-z,]*\bfull\b[a-z,]*\}'
+if [[ "$DRY_RUN" != 1 ]] && "$PYTHON" benchmarks/bench_generate.py --help 2>/dev/null | grep -qE "$FULL_CHOICE"; then
     step generate "$T_GENERATE" "$PYTHON" benchmarks/bench_generate.py --presets full
 else
     # No full preset in bench_generate.py: time the real script at full shapes (base PixCell, no LoRA needed).
