@@ -54,18 +54,20 @@ def conditioning_label(item: WorkItem, class_conditioning: bool) -> str:
 
 def manifest_rows(output_dir: Path, items: list[WorkItem], config: dict) -> list[dict]:
     """One row per item whose PNG exists, in (class, index) order; rebuilt from the configuration on every run."""
-    sources, reference_root = config["sources"], Path(config["sources"]["reference_data_dir"])
+    # References may be indexed as absolute paths while the flag was relative (or the reverse): compare resolved.
+    sources, reference_root = config["sources"], Path(config["sources"]["reference_data_dir"]).resolve()
     rows = []
     for item in sorted(items, key=lambda i: (i.class_name, i.index)):
         if not (output_dir / item.file).exists():
             continue
+        reference = item.reference.resolve() if item.reference else None
         rows.append(
             {
                 "file": item.file,
                 "class": item.class_name,
                 "index": item.index,
                 "conditioning": conditioning_label(item, config.get("class_conditioning", False)),
-                "reference": item.reference.relative_to(reference_root).as_posix() if item.reference else "none",
+                "reference": reference.relative_to(reference_root).as_posix() if reference else "none",
                 "seed": item.seed,
                 "guidance_scale": config["guidance_scale"],
                 "num_inference_steps": config["num_inference_steps"],

@@ -53,3 +53,21 @@ def test_a_write_killed_before_its_rename_leaves_no_temporary_after_the_rerun(tm
     write_manifest(tmp_path, [{"file": "A/gen_0000.png"}])
     assert [r["file"] for r in read_manifest(tmp_path)] == ["A/gen_0000.png"]
     assert sorted(tmp_path.glob(f".{MANIFEST_FILE}.*.tmp")) == [live]
+
+
+def test_references_are_written_relative_to_a_relative_reference_flag(tmp_path, monkeypatch):
+    """The README passes a relative --reference_data_dir while the tile index holds absolute paths: the manifest
+    must still name each reference relative to the folder (this once failed after every image was generated)."""
+    from pixcell_ext.generation import WorkItem
+    from pixcell_ext.manifest import manifest_rows
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real" / "ADI").mkdir(parents=True)
+    (tmp_path / "syn" / "ADI").mkdir(parents=True)
+    item = WorkItem("ADI", 0, (tmp_path / "real" / "ADI" / "a.png").resolve(), seed=3)
+    (tmp_path / "syn" / item.file).write_bytes(b"png")
+    config = {
+        "sources": {"reference_data_dir": "real", "pretrained_model_name_or_path": "m", "lora_dir": None},
+        "guidance_scale": 2.0, "num_inference_steps": 4, "scheduler": "dpm", "lora_sha256": None,
+    }  # fmt: skip
+    assert [row["reference"] for row in manifest_rows(tmp_path / "syn", [item], config)] == ["ADI/a.png"]
