@@ -38,7 +38,7 @@ from pixcell_ext import mini, mini_stack, models  # noqa: E402
 from pixcell_ext import mini_eval as me  # noqa: E402
 from pixcell_ext.probe import tstr_trtr  # noqa: E402
 
-SECTIONS = ("core", "class", "placement", "guidance", "tstr")
+SECTIONS = ("core", "class", "tstr", "guidance", "placement")
 
 
 def parse_args() -> argparse.Namespace:
@@ -221,6 +221,9 @@ def main() -> None:
             {"core": core, "class": class_aware, "placement": placement, "guidance": guidance, "tstr": tstr}[
                 section
             ](study, results)
+            if args.json:  # after every section, so a long run keeps what it measured
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(results, indent=2, default=float))
     results["settings"] = {
         **{k: v for k, v in vars(args).items() if k != "json"},
         "machine": f"{platform.machine()} {platform.processor()}".strip() + f", {torch.get_num_threads()} threads",
