@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
-from pixcell_ext import generation, models, presets
+from pixcell_ext import generation, manifest, models, presets
 from pixcell_ext.compilation import compile_transformer
 from pixcell_ext.files import write_png_atomically
 from pixcell_ext.runtime import check_process_group, run_main, weight_dtype
@@ -147,14 +147,14 @@ def main(args: argparse.Namespace) -> None:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        rows = generation.manifest_rows(output_dir, everything, config)
-        generation.write_manifest(output_dir, rows)
+        rows = manifest.manifest_rows(output_dir, everything, config)
+        manifest.write_manifest(output_dir, rows)
         for name in extent:
             generation.write_contact_sheet(
                 output_dir, name, [i for i in everything if i.class_name == name], resolution
             )
         logger.info(
-            f"{len(rows)} images listed in {output_dir / generation.MANIFEST_FILE}; contact sheets: "
+            f"{len(rows)} images listed in {output_dir / manifest.MANIFEST_FILE}; contact sheets: "
             f"{output_dir}/.contact_sheet_<CLASS>.png"
         )
     accelerator.end_training()

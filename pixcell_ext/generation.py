@@ -41,7 +41,7 @@ from pixcell_ext.data import UNI_RESAMPLE, DataError, file_digest, load_tile, re
 from pixcell_ext.features import model_identity
 from pixcell_ext.files import write_json_atomically, write_png_atomically
 from pixcell_ext.lora import DamagedFileError, LoRAMismatchError, merge_lora, read_lora_config
-from pixcell_ext.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, manifest_rows, read_manifest, write_manifest  # noqa: F401, E501
+from pixcell_ext.manifest import DATASET_CARD_FILE, GENERATION_CONFIG_FILE, MANIFEST_FILE
 from pixcell_ext.models import UNI_IMAGE_SIZE, AutoencoderKL, PixCellTransformer2DModel, UNIEncoder, decode_latents
 from pixcell_ext.sampling import sample_latents_cfg, to_uint8_images
 from pixcell_ext.seeding import derived_seed, generator_for
@@ -49,7 +49,7 @@ from pixcell_ext.validation import contact_sheet
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "generation_config.json"
+CONFIG_FILE = GENERATION_CONFIG_FILE
 PIXEL_KEYS = (
     "model",
     "revision",
@@ -295,8 +295,9 @@ def generated_images(output_dir: Path) -> list[Path]:
 
 
 def clear_generated(output_dir: Path) -> None:
-    """What `--overwrite` deletes: generated images, temporaries, manifest, contact sheets and config; nothing else."""
-    patterns = ("*/gen_*.png", "*/.gen_*.tmp", MANIFEST_FILE, CONFIG_FILE, ".contact_sheet_*.png")
+    """What `--overwrite` deletes: generated images, temporaries, manifest, contact sheets, config and the dataset
+    card that described them; nothing else."""
+    patterns = ("*/gen_*.png", "*/.gen_*.tmp", MANIFEST_FILE, CONFIG_FILE, DATASET_CARD_FILE, ".contact_sheet_*.png")
     for pattern in patterns:
         for path in output_dir.glob(pattern):
             path.unlink()

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 MANIFEST_FILE = "manifest.csv"
 GENERATION_CONFIG_FILE = "generation_config.json"
+# Written next to a synthetic set by its evaluation; a regenerated set must lose it with the images it describes.
+DATASET_CARD_FILE = "DATASET_CARD.md"
 MANIFEST_COLUMNS = (
     "file",
     "class",

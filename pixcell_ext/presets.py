@@ -135,6 +135,7 @@ def mini_evaluation(stack: MiniStack) -> dict:
         "timm_std": list(options["std"]),
         "real_dir": str(stack.target_heldout),
         "real_test_dir": str(stack.target_test),
+        "train_data_dir": str(stack.target_train),  # what the adaptation saw: the memorisation check's reference
         "synthetic_dir": "outputs/mini-synthetic",
         "output_dir": "outputs/mini-evaluation",
         "uni_model_name_or_path": str(stack.uni),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pixcell_ext.files import write_text_atomically
+from pixcell_ext.manifest import DATASET_CARD_FILE
 
 OVERALL = "overall"
 
@@ -168,7 +169,7 @@ def dataset_card(report: dict[str, Any], provenance: dict[str, Any]) -> str:
 
 
 def write_dataset_card(
-    report: dict[str, Any], provenance: dict[str, Any], folders: list[Path], name: str = "DATASET_CARD.md"
+    report: dict[str, Any], provenance: dict[str, Any], folders: list[Path], name: str = DATASET_CARD_FILE
 ) -> tuple[list[Path], list[str]]:
     """Write the card into each folder (the synthetic set, the evaluation output); a folder that refuses is noted."""
     text, written, notes = dataset_card(report, provenance), [], []

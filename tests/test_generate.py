@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, launch_command
-from pixcell_ext import NCT_CLASSES, artifacts, generation, models
+from pixcell_ext import NCT_CLASSES, artifacts, generation, manifest, models
 from pixcell_ext.adapter import AdapterConfig, UNIAdapter, save_adapter
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.data import DataError
@@ -107,8 +107,8 @@ def test_tiny_preset_writes_class_folders_and_a_complete_manifest(reference, run
         image = Image.open(reference / name / "gen_0000.png")
         assert image.size == (64, 64) and image.mode == "RGB"
         assert (reference / f".contact_sheet_{name}.png").is_file()
-    rows = generation.read_manifest(reference)
-    assert list(rows[0]) == list(generation.MANIFEST_COLUMNS)
+    rows = manifest.read_manifest(reference)
+    assert list(rows[0]) == list(manifest.MANIFEST_COLUMNS)
     assert [(r["class"], int(r["index"])) for r in rows] == [(c, i) for c in NCT_CLASSES for i in range(N)]
     assert all(r["file"] == f"{r['class']}/gen_{int(r['index']):04d}.png" for r in rows)
     assert all(r["conditioning"] == "reference" and r["reference"].startswith(r["class"] + "/") for r in rows)
@@ -141,7 +141,7 @@ def test_ddpm_two_processes_write_the_bytes_of_one_process(tiny_stack, run_dir, 
     assert "process 2/2 makes" in result.stderr
     assert len(png_bytes(one)) == 2 * N and png_bytes(two) == png_bytes(one)
     assert png_bytes(one)["TUM/gen_0000.png"] != png_bytes(reference)["TUM/gen_0000.png"]  # really another sampler
-    assert {r["scheduler"] for r in generation.read_manifest(two)} == {"ddpm"}
+    assert {r["scheduler"] for r in manifest.read_manifest(two)} == {"ddpm"}
 
 
 def test_batch_size_one_matches_batch_size_four_to_one_grey_level(reference, batch_one):
@@ -176,7 +176,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_stack, run_dir, bat
     assert png_bytes(output_dir) == png_bytes(batch_one)
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items()), "finished images were redone"
     assert not leftovers(output_dir)
-    assert len(generation.read_manifest(output_dir)) == len(NCT_CLASSES) * N
+    assert len(manifest.read_manifest(output_dir)) == len(NCT_CLASSES) * N
 
 
 def test_missing_class_folder_falls_back_to_unconditional(tiny_stack, run_dir, tmp_path, caplog):
@@ -188,7 +188,7 @@ def test_missing_class_folder_falls_back_to_unconditional(tiny_stack, run_dir, t
     output_dir = tmp_path / "out"
     generate(*cli(tiny_stack, run_dir, output_dir, "--reference_data_dir", str(data), "--classes", "ADI", "MUC",
                   "NORM", "--num_images_per_class", "2"))  # fmt: skip
-    rows = {r["file"]: r for r in generation.read_manifest(output_dir)}
+    rows = {r["file"]: r for r in manifest.read_manifest(output_dir)}
     assert sorted(rows) == [f"{c}/gen_{i:04d}.png" for c in ("ADI", "MUC", "NORM") for i in range(2)]
     unconditional = {f for f, r in rows.items() if (r["conditioning"], r["reference"]) == ("unconditional", "none")}
     assert unconditional == {f"{c}/gen_{i:04d}.png" for c in ("MUC", "NORM") for i in range(2)}
@@ -256,7 +256,7 @@ def test_rerun_skips_and_keeps_the_manifest_and_more_images_extend_it(tiny_stack
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
     assert (output_dir / "manifest.csv").read_bytes() == (reference / "manifest.csv").read_bytes()
     generate(*cli(tiny_stack, run_dir, output_dir, "--classes", "TUM", "--num_images_per_class", str(N + 1)))
-    rows = generation.read_manifest(output_dir)
+    rows = manifest.read_manifest(output_dir)
     assert len(rows) == len(NCT_CLASSES) * N + 1 and rows[-1]["file"] == f"TUM/gen_{N:04d}.png"
     assert png_bytes(output_dir).keys() - png_bytes(reference).keys() == {f"TUM/gen_{N:04d}.png"}
 
@@ -264,6 +264,7 @@ def test_rerun_skips_and_keeps_the_manifest_and_more_images_extend_it(tiny_stack
 def test_other_configuration_is_refused_and_overwrite_regenerates(tiny_stack, run_dir, reference, tmp_path):
     output_dir = tmp_path / "other"
     shutil.copytree(reference, output_dir)
+    (output_dir / manifest.DATASET_CARD_FILE).write_text("metrics of the images about to be replaced")
     with pytest.raises(generation.GenerationConfigError, match=r"(?s)seed: 0 -> 1.*guidance_scale.*--overwrite"):
         generate(*cli(tiny_stack, run_dir, output_dir, "--seed", "1", "--guidance_scale", "3"))
     other_run = make_run_dir(tiny_stack.pixcell, tmp_path / "other-run", seed=1)
@@ -275,7 +276,8 @@ def test_other_configuration_is_refused_and_overwrite_regenerates(tiny_stack, ru
                   "--overwrite"))  # fmt: skip
     assert sorted(png_bytes(output_dir)) == ["ADI/gen_0000.png"]
     assert png_bytes(output_dir)["ADI/gen_0000.png"] != png_bytes(reference)["ADI/gen_0000.png"]
-    assert [r["file"] for r in generation.read_manifest(output_dir)] == ["ADI/gen_0000.png"]
+    assert [r["file"] for r in manifest.read_manifest(output_dir)] == ["ADI/gen_0000.png"]
+    assert not (output_dir / manifest.DATASET_CARD_FILE).exists()  # a card must not describe images it never saw
 
 
 def test_images_without_a_config_are_refused_and_a_config_without_images_binds_nothing(
