@@ -14,16 +14,16 @@ under-trained (see benchmarks/RESULTS.md); the runs are seeded, so the values re
 Bug injection: each bug was put by hand into a private copy of the tree (never the shared one), this module run
 there, and the copy discarded. Failing tests:
 
-- reversed guidance: not run before the deadline
+- reversed guidance: FAILS base, guidance, adaptation FD, adapted class
 - guidance against the condition itself: FAILS guidance, adaptation FD
 - latent shift dropped: not run before the deadline
 - latent shift sign-flipped: not run before the deadline
 - variance channels as epsilon (loss): FAILS adaptation FD, adapted class
 - variance channels as epsilon (sampler): not run before the deadline
-- zero null embedding at sampling: not run before the deadline
+- zero null embedding at sampling: all pass (NOT caught at these margins)
 - UNI2-h fed unnormalised pixels: FAILS base, adaptation FD, adapted class
-- merged LoRA ignores its scale: not run before the deadline
-- adapter not applied at generation: not run before the deadline
+- merged LoRA ignores its scale: all pass (NOT caught: the preset's LoRA alpha equals its rank, scale 1)
+- adapter not applied at generation: FAILS adaptation FD, adapted class
 - LoRA not applied at generation: not run before the deadline
 """
 
