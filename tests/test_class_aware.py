@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from test_generate import cli, generate
 from test_train import logged_losses, run_training, trained_weights
 
-from pixcell_ext import NCT_CLASSES, generation
+from pixcell_ext import NCT_CLASSES, manifest
 from pixcell_ext.adapter import ADAPTER_FILE, AdapterConfig, UNIAdapter, load_adapter
 from pixcell_ext.artifacts import save_trained
 from pixcell_ext.conditioning import AdaptedPixCell
@@ -133,7 +133,7 @@ def test_class_only_generation_for_a_class_without_references(tiny_stack, class_
     output_dir = tmp_path / "out"
     generate(*cli(tiny_stack, class_run_dir, output_dir, "--reference_data_dir", str(data), "--classes", "ADI", "MUC",
                   "--num_images_per_class", "2"))  # fmt: skip
-    rows = {r["file"]: r for r in generation.read_manifest(output_dir)}
+    rows = {r["file"]: r for r in manifest.read_manifest(output_dir)}
     assert {f: (r["conditioning"], r["reference"]) for f, r in rows.items() if r["class"] == "MUC"} == {
         f"MUC/gen_{i:04d}.png": ("class-only", "none") for i in range(2)
     }

@@ -1,5 +1,6 @@
 """README's "Start here": `make demo` / `make test` set up once, then run what the long form gives by hand."""
 
+import os
 import re
 import shlex
 import shutil
@@ -21,9 +22,12 @@ def readme_launch() -> list[str]:
 
 
 def dry_run(directory, *arguments: str) -> str:
+    """`make -n` as on a developer's machine: CI's own `CI=true` would otherwise change what the Makefile prints."""
+    environment = {key: value for key, value in os.environ.items() if key != "CI"}
     result = subprocess.run(
-        ["make", "-n", *arguments], cwd=directory, capture_output=True, text=True, timeout=60, check=True
-    )
+        ["make", "-n", *arguments], cwd=directory, capture_output=True, text=True, timeout=60, check=True,
+        env=environment,
+    )  # fmt: skip
     return result.stdout
 
 
