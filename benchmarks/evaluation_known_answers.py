@@ -28,8 +28,7 @@ import evaluate_synthetic  # noqa: E402
 from pixcell_ext.data import read_rgb  # noqa: E402
 from pixcell_ext.files import write_folder_once  # noqa: E402
 from pixcell_ext.judge import timm_extractor_arguments  # noqa: E402
-from pixcell_ext.mini import MINI_ASSETS  # noqa: E402
-from pixcell_ext.mini_stack import PART_FOLDERS  # noqa: E402
+from pixcell_ext.mini import MINI_ASSETS, PART_FOLDERS  # noqa: E402
 from pixcell_ext.toy_histology import write_toy_dataset  # noqa: E402
 
 

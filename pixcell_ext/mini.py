@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MINI_ASSETS = Path(__file__).resolve().parent / "assets" / "mini"  # as pixcell_ext.mini_stack writes it
+PART_FOLDERS = {"vae": "sd35-vae-mini", "uni": "uni2h-mini", "judge": "judge", "transformer": "pixcell-256-mini"}
+MINI_RESOLUTION = 64  # VAE input; its latents are [16, 8, 8]
+MINI_LATENT_SIZE = MINI_RESOLUTION // 8  # the SD3.5-style VAE down-samples 8x
 MINI_DIR = "mini_assets"
 TRAIN_TILES_PER_CLASS = 40
 HELDOUT_TILES_PER_CLASS = 40
@@ -33,8 +36,6 @@ class MiniStack:
 
 def mini_stack(data_root: str | os.PathLike = MINI_DIR, assets: Path = MINI_ASSETS) -> MiniStack:
     """Paths of the committed models and of the tile folders under `data_root` (which may not exist yet)."""
-    from pixcell_ext.mini_stack import PART_FOLDERS
-
     root = Path(data_root)
     return MiniStack(
         pixcell=assets / PART_FOLDERS["transformer"],

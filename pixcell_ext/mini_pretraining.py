@@ -30,10 +30,9 @@ from torch import nn
 
 from pixcell_ext import data, models
 from pixcell_ext.files import replace_folder
+from pixcell_ext.mini import MINI_LATENT_SIZE, PART_FOLDERS
 from pixcell_ext.models import PixCellTransformer2DModel
 
-PIXCELL_MINI_DIR = "pixcell-256-mini"
-MINI_LATENT_SIZE = 8  # a 64 px tile through the 8x-down-sampling VAE
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 
@@ -319,7 +318,7 @@ def build_transformer(
     encode_seconds = time.perf_counter() - started
     transformer = mini_transformer(config, uni.embed_dim, latent_size)
     metrics = pretrain(transformer, features, vae.config, config)
-    target = Path(output_dir) / PIXCELL_MINI_DIR
+    target = Path(output_dir) / PART_FOLDERS["transformer"]
     tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     transformer.save_pretrained(tmp / "transformer")

@@ -44,12 +44,10 @@ from tqdm.auto import tqdm
 from pixcell_ext import NCT_CLASSES, models
 from pixcell_ext.data import dihedral, resized_uint8, vae_input
 from pixcell_ext.files import write_folder_once, write_json_atomically
+from pixcell_ext.mini import MINI_ASSETS, MINI_RESOLUTION, PART_FOLDERS
 from pixcell_ext.seeding import derived_seed
 from pixcell_ext.toy_histology import DOMAINS, REFERENCE_SIZE, toy_tiles, write_toy_dataset
 
-MINI_RESOLUTION = 64
-MINI_ASSETS = Path(__file__).resolve().parent / "assets" / "mini"
-PART_FOLDERS = {"vae": "sd35-vae-mini", "uni": "uni2h-mini", "judge": "judge", "transformer": "pixcell-256-mini"}
 PARTS = tuple(PART_FOLDERS)
 # UNI2-h's mlp_ratio (2.66667 * 2) gives an odd hidden width at 64 channels, which SwiGLUPacked cannot split in two:
 # 5.3125 is the nearest ratio with an even one (340).

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pixcell_ext.mini import MiniStack, mini_models
+from pixcell_ext.mini import MINI_RESOLUTION, MiniStack, mini_models
 
 if TYPE_CHECKING:  # the tiny stack's builder is imported only when --preset tiny is chosen
     from pixcell_ext.tiny import TinyStack
@@ -84,8 +84,6 @@ def tiny_evaluation(stack: TinyStack) -> dict[str, Any]:
 
 def mini_training(stack: MiniStack) -> dict:
     """`train_adapter_lora.py --preset mini`: adapt the SOURCE-pretrained mini PixCell to TARGET in minutes."""
-    from pixcell_ext.mini_stack import MINI_RESOLUTION
-
     return {
         **mini_models(stack),
         "train_data_dir": str(stack.target_train),

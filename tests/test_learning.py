@@ -37,7 +37,7 @@ import torch
 from conftest import REPO, launch_command
 from pixcell_ext import data, metrics, mini, models
 from pixcell_ext import mini_eval as me
-from pixcell_ext.mini_stack import MINI_RESOLUTION
+from pixcell_ext.mini import MINI_RESOLUTION
 
 TRAIN_STEPS = 150
 IMAGES_PER_CLASS = 6

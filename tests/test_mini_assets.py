@@ -14,7 +14,7 @@ from PIL import Image
 
 from pixcell_ext import NCT_CLASSES, models
 from pixcell_ext.data import resized_uint8, scan_image_folder, vae_input
-from pixcell_ext.mini_stack import MINI_ASSETS, MINI_RESOLUTION, PART_FOLDERS
+from pixcell_ext.mini import MINI_ASSETS, MINI_RESOLUTION, PART_FOLDERS
 from pixcell_ext.toy_histology import toy_tile, toy_tiles, write_toy_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,8 +7,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from pixcell_ext import models
+from pixcell_ext.mini import PART_FOLDERS
 from pixcell_ext.mini_pretraining import (
-    PIXCELL_MINI_DIR,
     GaussianDiffusion,
     PretrainingConfig,
     build_transformer,
@@ -86,7 +86,7 @@ def test_build_writes_a_loadable_pixcell_folder(tiny_stack, tmp_path, one_thread
     """The real loaders read the build; the learned null embedding is in the released buffer."""
     config = PretrainingConfig(num_layers=2, num_attention_heads=2, attention_head_dim=16, batch_size=8, num_steps=3)
     metrics = build_transformer(tmp_path, tiny_stack.vae, tiny_stack.uni, tiny_stack.data, seed=0, config=config)
-    folder = tmp_path / PIXCELL_MINI_DIR
+    folder = tmp_path / PART_FOLDERS["transformer"]
     transformer = models.load_transformer(str(folder))
     scheduler = models.load_scheduler_config(str(folder))
     assert transformer.config.caption_channels == models.load_uni(str(tiny_stack.uni)).embed_dim
