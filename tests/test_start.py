@@ -22,8 +22,10 @@ def readme_launch() -> list[str]:
 
 
 def dry_run(directory, *arguments: str) -> str:
-    """`make -n` as on a developer's machine: CI's own `CI=true` would otherwise change what the Makefile prints."""
-    environment = {key: value for key, value in os.environ.items() if key != "CI"}
+    """`make -n` as on a developer's shell: CI's own `CI=true` would change what the Makefile prints, and an outer
+    `make test` (MAKELEVEL, MAKEFLAGS) would make this one print "Entering directory" lines."""
+    inherited = {"CI", "MAKELEVEL", "MAKEFLAGS", "MFLAGS"}
+    environment = {key: value for key, value in os.environ.items() if key not in inherited}
     result = subprocess.run(
         ["make", "-n", *arguments], cwd=directory, capture_output=True, text=True, timeout=60, check=True,
         env=environment,
