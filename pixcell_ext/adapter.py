@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pixcell_ext.files import save_safetensors_atomically
-from pixcell_ext.lora import reporting_damage
+from pixcell_ext.lora_files import reporting_damage
 
 ADAPTER_FILE = "adapter.safetensors"
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from pixcell_ext.adapter import ADAPTER_FILE, UNIAdapter, load_adapter, save_adapter
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.files import write_json_atomically, write_text_atomically
-from pixcell_ext.lora import LoRAConfig, alpha_or_rank, load_lora, reporting_damage, save_lora
+from pixcell_ext.lora import LoRAConfig, alpha_or_rank
+from pixcell_ext.lora_files import load_lora, reporting_damage, save_lora
 from pixcell_ext.models import PixCellTransformer2DModel
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

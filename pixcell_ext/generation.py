@@ -40,7 +40,8 @@ from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.data import UNI_RESAMPLE, DataError, file_digest, load_tile, read_rgb, scan_image_folder
 from pixcell_ext.features import model_identity
 from pixcell_ext.files import write_json_atomically, write_png_atomically
-from pixcell_ext.lora import DamagedFileError, LoRAMismatchError, merge_lora, read_lora_config
+from pixcell_ext.lora import merge_lora
+from pixcell_ext.lora_files import DamagedFileError, LoRAMismatchError, read_lora_config
 from pixcell_ext.manifest import DATASET_CARD_FILE, GENERATION_CONFIG_FILE, MANIFEST_FILE
 from pixcell_ext.models import UNI_IMAGE_SIZE, AutoencoderKL, PixCellTransformer2DModel, UNIEncoder, decode_latents
 from pixcell_ext.sampling import sample_latents_cfg, to_uint8_images

@@ -18,7 +18,7 @@ from pixcell_ext.extractors import load_state_dict_file
 from pixcell_ext.feature_store import TileSet
 from pixcell_ext.intervals import bootstrap_mean
 from pixcell_ext.manifest import References
-from pixcell_ext.metrics import pairwise_values
+from pixcell_ext.pairwise import pairwise_values
 
 OVERALL = "overall"
 

@@ -64,7 +64,7 @@ def run_main(main, args) -> None:
     from pixcell_ext.artifacts import RunDirectoryError
     from pixcell_ext.data import DataError
     from pixcell_ext.generation import GenerationConfigError
-    from pixcell_ext.lora import LoRAMismatchError
+    from pixcell_ext.lora_files import LoRAMismatchError
     from pixcell_ext.models import GatedModelError
 
     try:

@@ -28,7 +28,8 @@ from pixcell_ext import NCT_CLASSES, artifacts, generation, manifest, models
 from pixcell_ext.adapter import AdapterConfig, UNIAdapter, save_adapter
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.data import DataError
-from pixcell_ext.lora import DamagedFileError, LoRAConfig, LoRAMismatchError, inject_lora, lora_layers, merge_lora
+from pixcell_ext.lora import LoRAConfig, inject_lora, lora_layers, merge_lora
+from pixcell_ext.lora_files import DamagedFileError, LoRAMismatchError
 from pixcell_ext.runtime import run_main
 
 sys.path.insert(0, str(REPO))

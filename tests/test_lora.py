@@ -15,20 +15,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pixcell_ext.lora import (
     DEFAULT_TARGET_MODULES,
     OPTIONAL_TARGET_MODULES,
-    DamagedFileError,
     LoRAConfig,
     LoRALinear,
-    LoRAMismatchError,
     inject_lora,
-    load_lora,
     lora_layers,
     lora_parameters,
     merge_lora,
     parse_block_spec,
-    read_lora_config,
-    save_lora,
     unmerge_lora,
 )
+from pixcell_ext.lora_files import DamagedFileError, LoRAMismatchError, load_lora, read_lora_config, save_lora
 
 NUM_BLOCKS = 3
 

@@ -19,10 +19,10 @@ from pixcell_ext.metrics import (
     frechet_distance,
     frechet_distance_from_stats,
     kernel_inception_distance,
-    mean_pairwise,
     mmd2_unbiased,
     precision_recall,
 )
+from pixcell_ext.pairwise import mean_pairwise
 
 
 class _Projection(nn.Module):

@@ -63,7 +63,8 @@ def test_resuming_from_a_checkpoint_with_a_damaged_adapter_names_the_file(tmp_pa
     """Resume restores the adapter with `load_trained_into`: a truncated file must be named, not a safetensors trace."""
     from pixcell_ext import models, training
     from pixcell_ext.adapter import ADAPTER_FILE, AdapterConfig
-    from pixcell_ext.lora import DamagedFileError, LoRAConfig
+    from pixcell_ext.lora import LoRAConfig
+    from pixcell_ext.lora_files import DamagedFileError
 
     transformer = models.load_transformer(str(tiny_stack.pixcell))
     adapter_config = AdapterConfig(transformer.config.caption_channels, 1, 16)
