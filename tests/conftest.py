@@ -31,6 +31,26 @@ def tiny_stack(tmp_path_factory):
     return write_tiny_stack(tmp_path_factory.mktemp("tiny"))
 
 
+def adapted_model(transformer, tokens: int = 1, targets: tuple[str, ...] | None = None):
+    """Adapter + rank-4 LoRA (`targets` None: the default ones) with non-zero weights everywhere, so every trainable
+    parameter gets a real gradient. Its imports are local so that tests which never build a model skip diffusers."""
+    import torch
+
+    from pixcell_ext.adapter import AdapterConfig, UNIAdapter
+    from pixcell_ext.conditioning import AdaptedPixCell
+    from pixcell_ext.lora import LoRAConfig, inject_lora
+
+    inject_lora(transformer, LoRAConfig(rank=4) if targets is None else LoRAConfig(rank=4, target_modules=targets))
+    adapter = UNIAdapter(AdapterConfig(embed_dim=transformer.config.caption_channels, num_tokens=tokens, hidden_dim=32))
+    model = AdaptedPixCell(transformer, adapter)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "adapter.fc2" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model.train()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,12 +7,11 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from conftest import REPO
+from conftest import REPO, adapted_model
 from pixcell_ext import models
-from pixcell_ext.adapter import AdapterConfig, UNIAdapter
 from pixcell_ext.attention import SingleTokenCrossAttnProcessor, check_lora_targets, install_standard_attention
 from pixcell_ext.conditioning import AdaptedPixCell
-from pixcell_ext.lora import DEFAULT_TARGET_MODULES, LoRAConfig, inject_lora, lora_parameters
+from pixcell_ext.lora import DEFAULT_TARGET_MODULES, lora_parameters
 from pixcell_ext.sampling import sample_latents_cfg
 from pixcell_ext.tiny import TINY_UNI_WIDTH
 
@@ -28,19 +27,6 @@ def pixcell_1024_style(seed: int = 0) -> models.PixCellTransformer2DModel:
         num_attention_heads=2, attention_head_dim=16, num_layers=3, cross_attention_dim=32, sample_size=8,
         caption_channels=TINY_UNI_WIDTH, interpolation_scale=0.5, caption_num_tokens=16,
     )  # fmt: skip
-
-
-def adapted(transformer, tokens: int, targets=DEFAULT_TARGET_MODULES) -> AdaptedPixCell:
-    """Adapter + rank-4 LoRA with non-zero weights everywhere, so every trainable parameter gets a real gradient."""
-    inject_lora(transformer, LoRAConfig(rank=4, target_modules=targets))
-    adapter = UNIAdapter(AdapterConfig(embed_dim=transformer.config.caption_channels, num_tokens=tokens, hidden_dim=32))
-    model = AdaptedPixCell(transformer, adapter)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name or "adapter.fc2" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return model.train()
 
 
 def step_inputs(transformer, batch: int = 3) -> dict:
@@ -81,7 +67,7 @@ def test_same_outputs_and_gradients_as_the_standard_processor(tiny_stack, tokens
     else:  # several tokens: LoRA on the cross-attention queries and keys learns, and is allowed
         transformer = pixcell_1024_style()
         targets = (*DEFAULT_TARGET_MODULES, "attn2.to_q", "attn2.to_k")
-    model = adapted(transformer, tokens, targets)
+    model = adapted_model(transformer, tokens, targets)
     processors = {type(p) for name, p in transformer.attn_processors.items() if ".attn2." in name}
     assert processors == {SingleTokenCrossAttnProcessor}
     inputs = step_inputs(transformer)
@@ -108,7 +94,7 @@ def test_same_outputs_and_gradients_as_the_standard_processor(tiny_stack, tokens
 
 def test_guided_sampling_gives_the_same_latents(tiny_stack):
     transformer = models.load_transformer(str(tiny_stack.pixcell))
-    model = adapted(transformer, 1).eval()
+    model = adapted_model(transformer, 1).eval()
     inputs = step_inputs(transformer, batch=2)
     with torch.no_grad():
         context, null = model.context(inputs["uni_embedding"]), model.unconditional_context(2)
@@ -127,7 +113,7 @@ def test_guided_sampling_gives_the_same_latents(tiny_stack):
 def test_lora_on_cross_attention_queries_or_keys_is_refused_with_one_token(tiny_stack, target):
     transformer = models.load_transformer(str(tiny_stack.pixcell))
     with pytest.raises(ValueError, match=rf"cannot learn with a single condition token.*{target}"):
-        adapted(transformer, 1, (*DEFAULT_TARGET_MODULES, target))
+        adapted_model(transformer, 1, (*DEFAULT_TARGET_MODULES, target))
     with pytest.raises(ValueError, match=rf"--lora_targets.*Found: {target}"):
         check_lora_targets([*DEFAULT_TARGET_MODULES, target], context_tokens=1)
     check_lora_targets([*DEFAULT_TARGET_MODULES, target], context_tokens=16)

@@ -6,11 +6,11 @@ import time
 import pytest
 import torch
 
+from conftest import adapted_model
 from pixcell_ext import models
-from pixcell_ext.adapter import AdapterConfig, UNIAdapter
 from pixcell_ext.compilation import compile_transformer
 from pixcell_ext.conditioning import AdaptedPixCell
-from pixcell_ext.lora import LoRAConfig, inject_lora, merge_lora
+from pixcell_ext.lora import merge_lora
 from pixcell_ext.sampling import sample_latents_cfg
 
 pytestmark = [
@@ -27,15 +27,7 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 def adapted(tiny_stack) -> AdaptedPixCell:
     transformer = models.load_transformer(str(tiny_stack.pixcell))
     torch.manual_seed(0)  # the same LoRA A and adapter weights in every call
-    inject_lora(transformer, LoRAConfig(rank=4))
-    adapter = UNIAdapter(AdapterConfig(embed_dim=transformer.config.caption_channels, hidden_dim=32))
-    model = AdaptedPixCell(transformer, adapter)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name or "adapter.fc2" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return model
+    return adapted_model(transformer)
 
 
 def training_step(model: AdaptedPixCell, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -50,7 +42,7 @@ def training_step(model: AdaptedPixCell, config) -> tuple[torch.Tensor, dict[str
 
 
 def test_compiled_training_step_and_sampling_match_eager(tiny_stack):
-    eager, compiled = adapted(tiny_stack).train(), adapted(tiny_stack).train()
+    eager, compiled = adapted(tiny_stack), adapted(tiny_stack)
     config = eager.transformer.config
     compile_transformer(compiled.transformer)
     state = compiled.state_dict()
