@@ -32,7 +32,7 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 
 OPTIONAL_TARGET_MODULES: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
 
-_BLOCK_NAME = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
+BLOCK_NAME = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
 _MAX_LISTED = 10
 
 
@@ -238,16 +238,17 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-def _listing(items: Iterable[str]) -> str:
+def name_listing(items: Iterable[str]) -> str:
+    """Names for an error message, the first ten and a count of the rest: errors stay one readable line."""
     items = list(items)
     shown = ", ".join(items[:_MAX_LISTED])
     return shown + (f", ... (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
 
 
-def _plan_injection(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[nn.Linear, int]]:
+def plan_injection(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[nn.Linear, int]]:
     """Resolve and validate every target before touching the model, so a bad config leaves it unchanged."""
     modules = dict(model.named_modules())
-    block_ids = sorted({int(m.group(1)) for name in modules if (m := _BLOCK_NAME.fullmatch(name))})
+    block_ids = sorted({int(m.group(1)) for name in modules if (m := BLOCK_NAME.fullmatch(name))})
     if not block_ids:
         raise ValueError("the model has no 'transformer_blocks.<i>.' modules to put LoRA on")
     blocks = block_ids if config.blocks is None else sorted(set(config.blocks))
@@ -271,7 +272,7 @@ def _plan_injection(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[nn.
         )
         raise ValueError(
             f"LoRA targets {list(config.target_modules)} not found as nn.Linear in blocks {blocks}: "
-            f"{_listing(missing)}; nn.Linear layers in a block: {available}"
+            f"{name_listing(missing)}; nn.Linear layers in a block: {available}"
         )
     return plan
 
@@ -283,7 +284,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """
     if lora_layers(model):
         raise RuntimeError("the model already has LoRA layers; build a fresh model to inject a different adapter")
-    plan = _plan_injection(model, config)
+    plan = plan_injection(model, config)
     model.requires_grad_(False)
     for name, (linear, rank) in plan.items():
         parent_name, _, child = name.rpartition(".")
@@ -296,7 +297,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _require_lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+def require_lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The LoRA layers of `model`; an empty model is a caller error, named here rather than as a silent no-op."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers (call inject_lora or load_lora first)")
@@ -305,15 +307,15 @@ def _require_lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Explicit list for the optimizer, so frozen base weights are never handed to it."""
-    return [p for layer in _require_lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    return [p for layer in require_lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
 
 
 def merge_lora(model: nn.Module) -> None:
     """Fold every LoRA update into its fp32 base weight (refused for half-precision weights, see LoRALinear.merge)."""
-    for layer in _require_lora_layers(model).values():
+    for layer in require_lora_layers(model).values():
         layer.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    for layer in _require_lora_layers(model).values():
+    for layer in require_lora_layers(model).values():
         layer.unmerge()

@@ -28,14 +28,14 @@ from torch import nn
 
 from pixcell_ext.files import save_safetensors_atomically
 from pixcell_ext.lora import (
-    _BLOCK_NAME,
+    BLOCK_NAME,
     LoRAConfig,
     LoRALinear,
-    _listing,
-    _plan_injection,
-    _require_lora_layers,
     inject_lora,
     lora_layers,
+    name_listing,
+    plan_injection,
+    require_lora_layers,
 )
 
 _METADATA_KEY = "lora_adapter_metadata"
@@ -80,7 +80,7 @@ def lora_state_dict(model: nn.Module, prefix: str = "transformer") -> dict[str, 
     PEFT at alpha = r (scale 1) then reproduces every layer, whatever its alpha, rsLoRA or rank.
     """
     out: dict[str, torch.Tensor] = {}
-    for name, layer in _require_lora_layers(model).items():
+    for name, layer in require_lora_layers(model).items():
         out[_key(prefix, name, "lora_A")] = layer.lora_A.weight.detach().float().clone()
         # Scaled in float64 and rounded once, so dividing it back out on load is off by at most one fp32 ulp.
         out[_key(prefix, name, "lora_B")] = (layer.lora_B.weight.detach().double() * layer.scaling).float()
@@ -88,7 +88,7 @@ def lora_state_dict(model: nn.Module, prefix: str = "transformer") -> dict[str, 
 
 
 def _config_selects(config: LoRAConfig, module_name: str) -> bool:
-    m = _BLOCK_NAME.fullmatch(module_name)
+    m = BLOCK_NAME.fullmatch(module_name)
     return (
         m is not None
         and m.group(2) in config.target_modules
@@ -109,12 +109,12 @@ def _check_config_matches(model_layers: Mapping[str, LoRALinear], config: LoRACo
                 f"scaling {config.scaling_for(rank):g}"
             )
     if problems:
-        raise ValueError(f"the LoRA config does not describe the model's LoRA layers: {_listing(problems)}")
+        raise ValueError(f"the LoRA config does not describe the model's LoRA layers: {name_listing(problems)}")
 
 
 def save_lora(model: nn.Module, config: LoRAConfig, path: str | os.PathLike) -> Path:
     """Written atomically (files.py), so an interrupted save never leaves a truncated adapter."""
-    layers = _require_lora_layers(model)
+    layers = require_lora_layers(model)
     _check_config_matches(layers, config)
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
     adapter_metadata = {
@@ -194,7 +194,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, *, prefix: str = "trans
         plan = None
     else:
         try:
-            plan = _plan_injection(model, config)
+            plan = plan_injection(model, config)
         except ValueError as e:
             raise LoRAMismatchError(f"{path}: its LoRA config does not fit this model: {e}") from e
         shapes = {name: (lin.in_features, lin.out_features, r) for name, (lin, r) in plan.items()}
@@ -215,7 +215,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, *, prefix: str = "trans
     ]
     if missing or unexpected or shape_errors or scaling_errors:
         parts = [
-            f"{title} ({len(items)}): {_listing(items)}"
+            f"{title} ({len(items)}): {name_listing(items)}"
             for title, items in (
                 ("missing keys", missing),
                 ("unexpected keys", unexpected),
