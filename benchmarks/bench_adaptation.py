@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pixcell_ext import mini, mini_stack, models  # noqa: E402
+from pixcell_ext import mini, models  # noqa: E402
 from pixcell_ext import mini_eval as me  # noqa: E402
 from pixcell_ext.probe import tstr_trtr  # noqa: E402
 
@@ -67,7 +67,7 @@ class Study:
         self.vae = models.load_vae(str(self.stack.vae))
         self.uni = models.load_uni(str(self.stack.uni))
         self.judge = me.load_mini_judge(self.stack.judge)
-        resolution = mini_stack.MINI_RESOLUTION
+        resolution = mini.MINI_RESOLUTION
         self.train = me.encode_tiles(self.stack.target_train, self.vae, self.uni, resolution)
         self.heldout = me.encode_tiles(self.stack.target_heldout, self.vae, self.uni, resolution)
         self.test = me.encode_tiles(self.stack.target_test, self.vae, self.uni, resolution)

@@ -5,22 +5,32 @@ TARGET's classes?) and gives a second feature space for FD/KID that the generato
 dict plus `config.json`, so the evaluation's timm encoder path can read it too (`--timm_encoder <architecture>
 --timm_encoder_weights judge/model.safetensors --timm_encoder_kwargs <model_args> --timm_image_size <image_size>
 --timm_mean ... --timm_std ...`, all read from that config).
+
+The loader and the builder (`build_judge`, run by `python -m pixcell_ext.mini_stack --parts judge`) live together so
+that the config the one writes and the other reads are defined in one place.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pixcell_ext import NCT_CLASSES
+from pixcell_ext.files import write_json_atomically
 from pixcell_ext.models import IMAGENET_MEAN, IMAGENET_STD
 
 JUDGE_MEAN = IMAGENET_MEAN
 JUDGE_STD = IMAGENET_STD
+JUDGE_ARCHITECTURE = "resnet10t"
+JUDGE_MODEL_ARGS = {"channels": [16, 32, 64, 128], "stem_width": 16}
+JUDGE_IMAGE_SIZE = 64
 
 
 def judge_input(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -83,3 +93,61 @@ def timm_extractor_arguments(path: str | os.PathLike) -> tuple[str, str, dict]:
         "model_kwargs": dict(config["model_args"]),
     }
     return config["architecture"], str(Path(path) / "model.safetensors"), options
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    tiles_per_class: int = 80
+    steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    stain_jitter: float = 0.05
+    blur_sigma: float = 1.5
+
+
+def build_judge(folder: Path, seed: int, config: JudgeConfig = JudgeConfig()) -> dict:
+    """Train a small timm ResNet on TARGET train tiles at JUDGE_IMAGE_SIZE px; save weights and a config."""
+    import timm
+    from safetensors.torch import save_file
+
+    from pixcell_ext.mini_training import random_blur, random_dihedral, stain_jitter, toy_arrays, train_part
+    from pixcell_ext.toy_histology import DOMAINS, REFERENCE_SIZE
+
+    torch.manual_seed(seed)
+    pixels, labels = toy_arrays("target", "train", config.tiles_per_class, REFERENCE_SIZE, seed)
+    small = judge_input(pixels, JUDGE_IMAGE_SIZE)  # [0, 1] at the judge's size, resized as load_judge does
+    network = timm.create_model(JUDGE_ARCHITECTURE, pretrained=False, num_classes=len(NCT_CLASSES), **JUDGE_MODEL_ARGS)
+    mean = torch.tensor(JUDGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(JUDGE_STD).view(1, 3, 1, 1)
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        ids = torch.randint(0, len(small), (config.batch_size,), generator=generator)
+        images = stain_jitter(random_dihedral(small[ids], generator), generator, config.stain_jitter)
+        images = random_blur(images, generator, config.blur_sigma)
+        return F.cross_entropy(network((images - mean) / std), labels[ids])
+
+    network.train()
+    history = train_part(list(network.parameters()), loss_fn, config.steps, config.learning_rate, "judge", 0.01)
+    network.eval()
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, folder / "model.safetensors")
+    write_json_atomically(
+        folder / "config.json",
+        {
+            "architecture": JUDGE_ARCHITECTURE,
+            "model_args": JUDGE_MODEL_ARGS,
+            "num_classes": len(NCT_CLASSES),
+            "class_names": list(NCT_CLASSES),
+            "image_size": JUDGE_IMAGE_SIZE,
+            "mean": list(JUDGE_MEAN),
+            "std": list(JUDGE_STD),
+        },
+    )
+    judge, class_names = load_judge(folder)
+    metrics = {"final_train_loss": float(np.mean(history[-50:]))}
+    for domain in DOMAINS:
+        test_x, test_y = toy_arrays(domain, "heldout", 20, REFERENCE_SIZE, seed)
+        with torch.no_grad():
+            predicted = judge(test_x).argmax(1)
+        metrics[f"accuracy_heldout_{domain}"] = round((predicted == test_y).float().mean().item(), 4)
+    return {"metrics": metrics, "config": asdict(config), "train_tiles": len(pixels)}

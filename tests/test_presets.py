@@ -62,7 +62,15 @@ def test_the_scripts_import_no_test_asset_builder():
     """Stand-ins and random stacks are written only when a preset asks for them, never on the production path."""
     import subprocess
 
-    builders = ["pixcell_ext.tiny", "pixcell_ext.testing_assets", "pixcell_ext.toy_histology", "pixcell_ext.mini_stack"]
+    builders = [
+        "pixcell_ext.tiny",
+        "pixcell_ext.testing_assets",
+        "pixcell_ext.toy_histology",
+        "pixcell_ext.mini_stack",
+        "pixcell_ext.mini_vae",
+        "pixcell_ext.mini_uni",
+        "pixcell_ext.mini_training",
+    ]
     code = (
         f"import sys; sys.path.insert(0, {str(REPO)!r}); "
         "import train_adapter_lora, generate_synthetic, evaluate_synthetic; "
