@@ -44,11 +44,13 @@ class PretrainingConfig:
     num_layers: int = 6
     num_attention_heads: int = 4
     attention_head_dim: int = 32
-    patch_size: int = 2
-    # PixCell-256 steps its sin-cos positions by one per patch; at an 4x4 patch grid a scale of 1 keeps that step.
+    # One token per latent pixel (an 8x8 grid). Patch 2 (16 tokens) reached twice the judge-space FD after 2000 steps
+    # (65.8 vs 33.5 on held-out SOURCE, guidance 1): too little room for morphology at this width.
+    patch_size: int = 1
+    # PixCell-256 steps its sin-cos positions by one per patch; a scale of 1 keeps that step on the 8x8 grid.
     interpolation_scale: float = 1.0
     batch_size: int = 32
-    num_steps: int = 3000
+    num_steps: int = 8000
     learning_rate: float = 5e-4
     warmup_steps: int = 100
     weight_decay: float = 0.0
