@@ -1,16 +1,16 @@
 # Two commands for a first run (README.md, "Start here"):
-#   make demo   train on the embedded preset (PRESET, default tiny: random tiny models, made on first use)
+#   make demo   train on the embedded preset (PRESET, default mini: the committed trained mini stack, toy tiles)
 #   make test   run the test suite
 # Each first sets up .venv if it is missing. That happens once (4 to 8 minutes and 6.4 GB, mostly torch): a stamp file
 # records it, and only a change to a requirements file repeats it. Underneath it is plain venv, pip and
 # `accelerate launch`; the README's long form gives the same commands by hand.
 #
-#   make demo PRESET=tiny        the preset to train (switch the default here once another preset is the main job)
+#   make demo PRESET=tiny        the preset to train (tiny: random tiny models, seconds, for the plumbing)
 #   make setup TORCH="torch==X torchvision==Y"   another torch pair, e.g. for your CUDA; `rm .venv/.setup-done` first
 #   make demo PYTHON=python3.12  the Python that creates .venv (3.10 or newer)
 
 PYTHON ?= python3
-PRESET ?= tiny
+PRESET ?= mini
 VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 # Explicit values for everything `accelerate launch` would otherwise guess (and warn about): one process, no mixed

@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--images_per_class", type=int, default=20)
     parser.add_argument("--num_inference_steps", type=int, default=20)
-    parser.add_argument("--guidance_scale", type=float, default=2.0)
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="1: the lowest FD in the sweep.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples_dir", default="outputs/bench-adaptation", help="Contact sheets of the samples.")
     parser.add_argument("--seed", type=int, default=0)

@@ -50,7 +50,7 @@ def test_makefile_readme_and_tests_launch_the_same_way(checkout):
     made = shlex.split(demo[0].removeprefix(".venv/bin/"))
     flags = readme_launch()
     assert made[: len(flags)] == flags
-    assert made[len(flags) :] == ["train_adapter_lora.py", "--preset", "tiny", "--resume_from_checkpoint", "latest"]
+    assert made[len(flags) :] == ["train_adapter_lora.py", "--preset", "mini", "--resume_from_checkpoint", "latest"]
     tested = launch_command(1, "train_adapter_lora.py")
     assert tested[3:-1] == flags[2:]  # `python -m accelerate.commands.launch` is `accelerate launch`
 
@@ -76,12 +76,12 @@ def test_setup_runs_once_torch_first_and_again_after_a_requirements_change(check
     assert "-m venv .venv" in steps[0]
     assert steps[1].endswith("install torch==2.14.1 torchvision==0.29.1")
     assert steps[2].endswith("install -r requirements-dev.txt")
-    assert "touch .venv/.setup-done" in first and "--preset tiny" in first
+    assert "touch .venv/.setup-done" in first and "--preset mini" in first
 
     (checkout / ".venv").mkdir()
     (checkout / ".venv" / ".setup-done").touch()
     assert "pip" not in dry_run(checkout, "demo") and "pip" not in dry_run(checkout, "test")
-    assert "--preset mini" in dry_run(checkout, "demo", "PRESET=mini")
+    assert "--preset tiny" in dry_run(checkout, "demo", "PRESET=tiny")
 
     time.sleep(0.01)  # make compares modification times
     (checkout / "requirements.txt").touch()
