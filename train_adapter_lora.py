@@ -17,14 +17,12 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pixcell_ext import (
     artifacts,
     checkpointing,
     data,
-    diffusion,
     features,
     models,
     presets,
@@ -412,21 +410,22 @@ def training_dataset(args: argparse.Namespace, accelerator: Accelerator, index, 
 
 def training_dataloader(args: argparse.Namespace, dataset, index, stack, resolution: int, noise_scheduler):
     """Each sample carries its step randomness, drawn in the loader workers from (seed, epoch, index)."""
-    latent_size = resolution // models.vae_scale_factor(stack.vae)
-    randomness_spec = diffusion.RandomnessSpec(
+    spec = training.step_randomness_spec(
+        stack.transformer,
+        stack.vae,
+        noise_scheduler,
+        resolution,
         seed=args.seed,
-        latent_shape=(stack.transformer.config.in_channels, latent_size, latent_size),
-        num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         cond_dropout=args.cond_dropout,
         reference_dropout=args.reference_dropout if args.class_conditioning else 0.0,
     )
-    return DataLoader(
-        diffusion.WithStepRandomness(dataset, randomness_spec),
+    return training.training_dataloader(
+        dataset,
+        [r.label for r in index.records],
+        spec,
         batch_size=args.train_batch_size,
-        sampler=data.EpochSampler([r.label for r in index.records], args.seed, class_balanced=args.class_balanced),
+        class_balanced=args.class_balanced,
         num_workers=args.dataloader_num_workers,
-        persistent_workers=args.dataloader_num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
     )
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate  # noqa: E402
 import bench_train  # noqa: E402
 
-from pixcell_ext import generation, models  # noqa: E402
+from pixcell_ext import benchmarking, generation, models  # noqa: E402
 from pixcell_ext.attention import install_single_token_attention, install_standard_attention  # noqa: E402
 from pixcell_ext.lora import merge_lora  # noqa: E402
 from pixcell_ext.tiny import write_tiny_stack  # noqa: E402
@@ -58,7 +58,7 @@ def count_flops(run, transformer) -> dict[str, int]:
     counts = {}
     for path, install in installers(transformer).items():
         install()
-        with FlopCounterMode(display=False, custom_mapping=bench_train.CPU_SDPA_FLOPS) as counter:
+        with FlopCounterMode(display=False, custom_mapping=benchmarking.CPU_SDPA_FLOPS) as counter:
             run()
         counts[path] = counter.get_total_flops()
     return counts
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tiny_dir", default="tiny_assets")
     args = parser.parse_args()
-    cpu = bench_train.machine()
+    cpu = benchmarking.machine()
     print(f"bench_attention: {cpu}; torch {torch.__version__}; {datetime.date.today().isoformat()}")
     load_before = os.getloadavg()[0]
     results = []

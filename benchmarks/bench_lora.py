@@ -28,9 +28,11 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
 try:
+    from pixcell_ext.benchmarking import paired_ratio
     from pixcell_ext.lora import LoRALinear
 except ImportError:  # run as a script from a checkout: the repo root is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pixcell_ext.benchmarking import paired_ratio
     from pixcell_ext.lora import LoRALinear
 
 WIDTHS = ((1152, 1152), (1152, 4608), (4608, 1152))  # attention projections, ff up, ff down
@@ -137,13 +139,6 @@ def time_rounds(cases: Steps, repeats: int, warmup: int, device: str) -> Times:
                 if i >= warmup:
                     times[width][name].append(1e3 * (time.perf_counter() - t0))
     return times
-
-
-def paired_ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
-    """Median and interquartile range of the per-round ratios."""
-    ratios = sorted(a / b for a, b in zip(num, den, strict=True))
-    q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    return med, q1, q3
 
 
 def print_table(title: str, times: Times, variants: tuple[str, ...], num: str, den: str) -> tuple[float, float, float]:

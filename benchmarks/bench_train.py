@@ -6,7 +6,8 @@
 
 Modes (same models, batch size, LoRA config and optimiser; random weights, random tiles):
   notebook    the original notebook's way: per image, tensor -> PIL -> torchvision Resize(224)/ToTensor/Normalize
-              -> UNI2-h, and a VAE encode, every step; micro-batch 1 with gradient accumulation up to the batch.
+              -> UNI2-h, and a VAE encode, every step; then `training.train_step` on that image: micro-batch 1
+              with gradient accumulation up to the batch.
   on_the_fly  train_adapter_lora.py without --feature_cache: its step, `training.train_step`, on uint8 tensors
               (UNI2-h and VAE encode batched on the device), loss, backward, guarded optimiser and LR step.
   cached      train_adapter_lora.py with --feature_cache: the same `training.train_step` on stored latent
@@ -25,16 +26,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime
 import gc
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,13 +41,12 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 from torch.profiler import record_function
-from torch.utils import flop_counter
 from torchvision import transforms
 from torchvision.transforms.functional import to_pil_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixcell_ext import data, diffusion, features, full_random, models, training  # noqa: E402
+from pixcell_ext import benchmarking, data, features, full_random, models, training  # noqa: E402
 from pixcell_ext.adapter import AdapterConfig  # noqa: E402
 from pixcell_ext.lora import LoRAConfig  # noqa: E402
 from pixcell_ext.runtime import weight_dtype  # noqa: E402
@@ -58,7 +55,6 @@ from pixcell_ext.tiny import write_tiny_stack  # noqa: E402
 MODES = ("notebook", "on_the_fly", "cached")
 TARGET_SPEEDUP = 3.0  # cached / notebook images/s, set for --preset small on the CPU
 TARGET_MFU = 0.35  # cached (LoRA) step, --preset full in bf16 on an H100
-MB = 2**20
 
 # The real shapes: PixCell-256's transformer, the SD3.5 VAE and the IDDPM training schedule, as the full-shape random
 # stack writes them (the presets below change only widths and sizes).
@@ -183,7 +179,7 @@ class Bench:
 
     accelerator: Accelerator
     modules: training.TrainingModules
-    latent_shape: tuple[int, int, int]
+    transformer: models.PixCellTransformer2DModel  # with LoRA, unwrapped
     resolution: int
 
     @property
@@ -231,36 +227,10 @@ def setup(args: argparse.Namespace, preset: Preset) -> Bench:
         stack.vae,
         stack.uni,
     )
-    latent = transformer.config.sample_size
-    return Bench(
-        accelerator,
-        modules,
-        (transformer.config.in_channels, latent, latent),
-        latent * models.vae_scale_factor(stack.vae),
-    )
+    return Bench(accelerator, modules, transformer, transformer.config.sample_size * models.vae_scale_factor(stack.vae))
 
 
 # ---------------------------------------------------------------------------------------------------- steps
-
-
-def randomness_spec(bench: Bench) -> diffusion.RandomnessSpec:
-    return diffusion.RandomnessSpec(
-        seed=0,
-        latent_shape=bench.latent_shape,
-        num_train_timesteps=bench.modules.noise_scheduler.config.num_train_timesteps,
-        cond_dropout=0.1,
-    )
-
-
-def draw(bench: Bench, ids: torch.Tensor) -> diffusion.StepRandomness:
-    return diffusion.draw_step_randomness(ids, epoch=0, spec=randomness_spec(bench), device=bench.accelerator.device)
-
-
-def optimiser_update(bench: Bench) -> None:
-    with record_function("update"):
-        bench.accelerator.clip_grad_norm_(bench.modules.trainable, 1.0)
-        bench.modules.optimizer.step()
-        bench.modules.optimizer.zero_grad(set_to_none=True)
 
 
 def package_step(bench: Bench, batch: dict) -> None:
@@ -270,6 +240,22 @@ def package_step(bench: Bench, batch: dict) -> None:
     The losses are finite, so the optimiser always steps and every step does the same work.
     """
     training.train_step(bench.accelerator, bench.modules, batch, STEP_CONFIG)
+
+
+@contextlib.contextmanager
+def accumulating(accelerator: Accelerator, micro_batches: int):
+    """Gradient accumulation over the next `micro_batches` steps, one optimiser update at their end, as
+    `--gradient_accumulation_steps` gives it in training (the bench's accelerator otherwise updates every step)."""
+    accelerator.gradient_accumulation_steps, accelerator.step = micro_batches, 0
+    try:
+        yield
+    finally:
+        accelerator.gradient_accumulation_steps, accelerator.step = 1, 0
+
+
+def rows(batch: dict) -> list[dict]:
+    """The batch as micro-batches of one sample each."""
+    return [{key: value[i : i + 1] for key, value in batch.items()} for i in range(len(batch["index"]))]
 
 
 NOTEBOOK_UNI_TRANSFORM = transforms.Compose(
@@ -282,24 +268,20 @@ NOTEBOOK_UNI_TRANSFORM = transforms.Compose(
 
 
 def notebook_step(bench: Bench, batch: dict) -> None:
-    """The original notebook: image by image, PIL round trip into UNI2-h, VAE encode, loss / n, backward; one update."""
-    tiles, device, n = batch["tiles"], bench.accelerator.device, len(batch["tiles"])
-    uni_dtype = next(bench.uni.vit.parameters()).dtype
-    for i in range(n):
-        with torch.no_grad():
-            with record_function("pil+transforms"):
-                pixels = NOTEBOOK_UNI_TRANSFORM(to_pil_image(tiles[i])).unsqueeze(0).to(device, uni_dtype)
-            with record_function("uni"):
-                embedding = bench.uni.vit(pixels).unsqueeze(1).float()
-            with record_function("vae"):
-                mean, std = models.encode_latent_distribution(bench.vae, data.vae_input(tiles[i : i + 1].to(device)))
-        with record_function("randomness"):
-            randomness = draw(bench, batch["index"][i : i + 1])
-        latents = models.posterior_latents(bench.vae.config, mean, std, randomness.posterior_noise)
-        with record_function("loss+backward"):
-            terms = diffusion.diffusion_loss(bench.model, bench.modules.noise_scheduler, latents, embedding, randomness)
-            bench.accelerator.backward(terms.total / n)
-    optimiser_update(bench)
+    """The original notebook: image by image, PIL round trip into UNI2-h and a VAE encode, then the training step on
+    that one image, accumulated over the batch into one update."""
+    device, uni_dtype = bench.accelerator.device, next(bench.uni.vit.parameters()).dtype
+    with accumulating(bench.accelerator, len(batch["index"])):
+        for row in rows(batch):
+            tile = row.pop("tiles")
+            with torch.no_grad():
+                with record_function("pil+transforms"):
+                    pixels = NOTEBOOK_UNI_TRANSFORM(to_pil_image(tile[0])).unsqueeze(0).to(device, uni_dtype)
+                with record_function("uni"):
+                    row["uni_embedding"] = bench.uni.vit(pixels).float()
+                with record_function("vae"):
+                    mean, std = models.encode_latent_distribution(bench.vae, data.vae_input(tile.to(device)))
+            package_step(bench, {**row, "latent_mean": mean, "latent_std": std})
 
 
 def cached_microbatch_step(bench: Bench, batch: dict) -> None:
@@ -307,38 +289,33 @@ def cached_microbatch_step(bench: Bench, batch: dict) -> None:
 
     notebook - this = the notebook's per-image PIL/UNI2-h/VAE cost; this / cached = the price of micro-batch 1 alone.
     """
-    n = len(batch["index"])
-    for i in range(n):
-        row = {key: value[i : i + 1] for key, value in batch.items()}
-        randomness = draw(bench, row["index"])
-        latents, embedding = features.batch_features(
-            row,
-            vae=bench.vae,
-            uni=bench.uni,
-            vae_config=bench.vae.config,
-            posterior_noise=randomness.posterior_noise,
-            augment_codes=None,
-        )
-        terms = diffusion.diffusion_loss(bench.model, bench.modules.noise_scheduler, latents, embedding, randomness)
-        bench.accelerator.backward(terms.total / n)
-    optimiser_update(bench)
+    with accumulating(bench.accelerator, len(batch["index"])):
+        for row in rows(batch):
+            package_step(bench, row)
 
 
 def make_batches(bench: Bench, batch_size: int) -> dict[str, dict]:
-    """Random tiles, as TileDataset would give them, and their cache entries computed by the package's encoders."""
+    """Random tiles through training's own data path (the tile views TileDataset gives, the loader adding each
+    sample's draws) and their cache entries from the encoding the feature cache stores."""
     rng = np.random.default_rng(0)
     shape = (bench.resolution, bench.resolution, 3)
-    tiles = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(batch_size)]
-    views = [data.model_inputs(tile, bench.resolution) for tile in tiles]
-    device, index = bench.accelerator.device, torch.arange(batch_size)
-    pixels = {key: torch.stack([v[key] for v in views]).to(device) for key in ("uni_pixels", "vae_pixels")}
-    with torch.no_grad():  # what features._encode_into_cache stores
-        mean, std = models.encode_latent_distribution(bench.vae, data.vae_input(pixels["vae_pixels"]))
-        embedding = bench.uni(pixels["uni_pixels"]).squeeze(1).float()
-    draws = [randomness_spec(bench).draw(0, i) for i in range(batch_size)]  # as WithStepRandomness adds them
-    randomness = {name: torch.stack([d[name] for d in draws]) for name in diffusion.RANDOMNESS_FIELDS}
-    common = {"index": index, "label": torch.zeros(batch_size, dtype=torch.long), **randomness}
-    cached = {**common, "latent_mean": mean, "latent_std": std, "uni_embedding": embedding}
+    tiles = [
+        {
+            "index": i,
+            "label": 0,
+            **data.model_inputs(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)), bench.resolution),
+        }
+        for i in range(batch_size)
+    ]
+    spec = training.step_randomness_spec(
+        bench.transformer, bench.vae, bench.modules.noise_scheduler, bench.resolution, seed=0, cond_dropout=0.1
+    )
+    loader = training.training_dataloader(tiles, [0] * batch_size, spec, batch_size=batch_size)
+    common = next(iter(loader))
+    device = bench.accelerator.device
+    pixels = {key: common.pop(key).to(device) for key in ("uni_pixels", "vae_pixels")}
+    with torch.no_grad():
+        cached = {**common, **features.cache_entries(bench.vae, bench.uni, pixels["uni_pixels"], pixels["vae_pixels"])}
     return {
         "notebook": {**common, "tiles": pixels["vae_pixels"].cpu()},
         "on_the_fly": {**common, **pixels},
@@ -356,94 +333,6 @@ def repeat_cached(batch: dict, size: int) -> dict:
 # ---------------------------------------------------------------------------------------------------- measuring
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _proc_status_kb(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field_name} in /proc/self/status")
-
-
-def peak_memory_mb(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
-    """(peak, peak minus what was in use just before the step) in MiB, for one step."""
-    gc.collect()
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return peak / MB, (peak - before) / MB
-    try:  # hand freed heap back to the OS, so the rise measures this step and not the last one's leftovers
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        pass  # then VmHWM is the process's lifetime peak, an upper bound
-    before = _proc_status_kb("VmRSS")
-    step()
-    peak = _proc_status_kb("VmHWM")
-    return peak / 1024, (peak - before) / 1024
-
-
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# torch counts the CUDA attention kernels but not the CPU flash kernel; count it the same way.
-CPU_SDPA_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-}
-
-
-def count_flops(step: Callable[[], None], transformer: torch.nn.Module) -> int:
-    """Model FLOPs of one step: checkpointing is switched off while counting, so recomputation is not included."""
-    checkpointing = transformer.gradient_checkpointing
-    if checkpointing:
-        transformer.disable_gradient_checkpointing()
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
-        step()
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
-    return counter.get_total_flops()
-
-
-def time_rounds(
-    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Seconds per step of each mode, one step per mode per round in a rotating order; warm-up rounds dropped."""
-    times = {name: [] for name in steps}
-    names = list(steps)
-    for i in range(warmup + repeats):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            sync(device)
-            t0 = time.perf_counter()
-            steps[name]()
-            sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def paired_ratio(slow: list[float], fast: list[float]) -> tuple[float, float, float]:
-    """Median and quartiles of the per-round speed-ups slow_time / fast_time."""
-    ratios = sorted(a / b for a, b in zip(slow, fast, strict=True))
-    q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    return med, q1, q3
-
-
 def find_max_batch(bench: Bench, batch: dict, start: int) -> int:
     """Largest power-of-two multiple of `start` for which two cached steps run without CUDA OOM."""
     best, size = 0, start
@@ -453,7 +342,7 @@ def find_max_batch(bench: Bench, batch: dict, start: int) -> int:
             trial = repeat_cached(batch, size)
             package_step(bench, trial)
             package_step(bench, trial)
-            sync(bench.accelerator.device)
+            benchmarking.sync(bench.accelerator.device)
         except torch.OutOfMemoryError:
             oom = True
         trial = None  # noqa: F841  (free before the next, larger try)
@@ -466,52 +355,13 @@ def find_max_batch(bench: Bench, batch: dict, start: int) -> int:
     return best
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
-PHASES = ("pil+transforms", "uni", "vae", "features", "randomness", "loss+backward", "update")
-
-
-def print_profile(steps: dict[str, Callable[[], None]], device: torch.device, rows: int, count: int = 3) -> None:
-    """Per mode, over `count` steps: host ms per step in each phase (the record_function ranges), then the top ops."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    for name, step in steps.items():
-        with profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            for _ in range(count):
-                step()
-            sync(device)
-            wall = (time.perf_counter() - t0) / count
-        events = {e.key: e for e in prof.key_averages()}
-        phases = ", ".join(
-            f"{phase} {events[phase].cpu_time_total / 1e3 / count:.0f}" for phase in PHASES if phase in events
-        )
-        print(
-            f"\nprofile of '{name}', {count} steps: {1e3 * wall:.0f} ms/step under the profiler; host ms/step: {phases}"
-        )
-        print(prof.key_averages().table(sort_by=sort, row_limit=rows))
+PHASES = ("pil+transforms", "uni", "vae", "features", "loss+backward", "update")  # record_function ranges
 
 
 # ---------------------------------------------------------------------------------------------------- report
 
 
 def header(args: argparse.Namespace, bench: Bench, batch_size: int, repeats: int, warmup: int) -> str:
-    transformer = bench.accelerator.unwrap_model(bench.model).transformer
-
     def millions(params) -> float:
         return sum(p.numel() for p in params) / 1e6
 
@@ -519,10 +369,10 @@ def header(args: argparse.Namespace, bench: Bench, batch_size: int, repeats: int
         f"bench_train: preset={args.preset} batch={batch_size} resolution={bench.resolution}px "
         f"mixed_precision={args.mixed_precision} gradient_checkpointing={args.gradient_checkpointing} "
         f"repeats={repeats} warmup={warmup}\n"
-        f"  machine: {machine()}; torch {torch.__version__}; {datetime.date.today().isoformat()}\n"
+        f"  machine: {benchmarking.machine()}; torch {torch.__version__}; {datetime.date.today().isoformat()}\n"
         f"  trainable {millions(bench.modules.trainable):.2f} M "
         f"(adapter + LoRA rank {PRESETS[args.preset].lora_rank}); "
-        f"frozen: transformer {millions(p for p in transformer.parameters() if not p.requires_grad):.1f} M, "
+        f"frozen: transformer {millions(p for p in bench.transformer.parameters() if not p.requires_grad):.1f} M, "
         f"UNI {millions(bench.uni.parameters()):.1f} M, VAE encoder {millions(bench.vae.encoder.parameters()):.1f} M"
     )
 
@@ -550,7 +400,7 @@ def print_table(times, flops, memory, batch_size: int, peak_flops: float | None)
 
 def print_ratios(times, flops) -> None:
     for fast in ("on_the_fly", "cached"):
-        med, q1, q3 = paired_ratio(times["notebook"], times[fast])
+        med, q1, q3 = benchmarking.paired_ratio(times["notebook"], times[fast])
         target = ""
         if fast == "cached":
             verdict = "PASS" if med >= TARGET_SPEEDUP else "MISS"
@@ -571,8 +421,8 @@ def report_max_batch(bench: Bench, batches: dict, args, flops_per_image: float, 
         package_step(bench, big)
 
     device = bench.accelerator.device
-    seconds = statistics.median(time_rounds({"cached": step}, repeats, 2, device)["cached"])
-    peak, _ = peak_memory_mb(step, device)
+    seconds = statistics.median(benchmarking.time_rounds({"cached": step}, repeats, 2, device)["cached"])
+    peak, _ = benchmarking.peak_memory_mb(step, device)
     mfu = flops_per_image * largest / seconds / (args.peak_tflops * 1e12)
     verdict = "PASS" if mfu >= TARGET_MFU else "MISS"
     print(
@@ -610,11 +460,10 @@ def main(args: argparse.Namespace) -> None:
 
     # The FLOP-counting step comes first and doubles as the first touch (allocator, optimiser state), so the memory
     # step sees a steady state; `warmup` more untimed rounds precede the timed ones.
-    transformer = bench.accelerator.unwrap_model(bench.model).transformer
-    flops = {mode: count_flops(step, transformer) / batch_size for mode, step in steps.items()}
-    memory = {mode: peak_memory_mb(step, device) for mode, step in steps.items()}
+    flops = {mode: benchmarking.count_flops(step, bench.transformer) / batch_size for mode, step in steps.items()}
+    memory = {mode: benchmarking.peak_memory_mb(step, device) for mode, step in steps.items()}
     load_before = os.getloadavg()[0]
-    times = time_rounds(steps, repeats, warmup, device)
+    times = benchmarking.time_rounds(steps, repeats, warmup, device)
     load_after = os.getloadavg()[0]
 
     mfu = print_table(times, flops, memory, batch_size, args.peak_tflops * 1e12 if cuda else None)
@@ -637,7 +486,7 @@ def main(args: argparse.Namespace) -> None:
             f"\n  notebook step (medians) = cached features at micro-batch 1, {1e3 * mb1:.0f} ms "
             f"({mb1 / cached:.2f}x the batched cached step) + per-image PIL/UNI2-h/VAE, {1e3 * (notebook - mb1):.0f} ms"
         )
-        print_profile(steps, device, args.profile)
+        benchmarking.print_profile(steps, device, args.profile, PHASES)
     print(f"\n  total wall time {time.perf_counter() - t_start:.0f} s")
 
 

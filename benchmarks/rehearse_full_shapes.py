@@ -37,7 +37,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -58,11 +57,12 @@ from torch.utils._pytree import tree_leaves
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pixcell_ext import models  # noqa: E402
-from pixcell_ext.adapter import AdapterConfig, UNIAdapter  # noqa: E402
+from pixcell_ext import models, training  # noqa: E402
+from pixcell_ext.adapter import AdapterConfig  # noqa: E402
+from pixcell_ext.benchmarking import cpu_name  # noqa: E402
 from pixcell_ext.conditioning import AdaptedPixCell  # noqa: E402
 from pixcell_ext.full_random import DEFAULT_DIR, write_full_random_stack  # noqa: E402
-from pixcell_ext.lora import LoRAConfig, inject_lora, lora_parameters  # noqa: E402
+from pixcell_ext.lora import LoRAConfig  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20
@@ -373,10 +373,10 @@ def measure_memory(stack, cache_dir: Path) -> MemoryModel:
         transformer = models.load_transformer(str(stack.pixcell), dtype=dtype)
         frozen["transformer"] = count_params(transformer)
         torch.manual_seed(0)
-        inject_lora(transformer, LoRAConfig(rank=16, alpha=16))  # the training script's defaults
-        adapter = UNIAdapter(AdapterConfig(transformer.config.caption_channels, 1, 1024))
-        model = AdaptedPixCell(transformer, adapter).train()
-        trainable_params = count_params(adapter) + sum(p.numel() for p in lora_parameters(transformer))
+        model = training.build_adapted_model(  # the training script's defaults: rank 16, one token, width 1024
+            transformer, LoRAConfig(rank=16, alpha=16), AdapterConfig(transformer.config.caption_channels, 1, 1024)
+        ).train()
+        trainable_params = sum(p.numel() for p in training.trainable_parameters(model))
         for checkpointing in (False, True):
             if checkpointing:
                 transformer.enable_gradient_checkpointing()
@@ -391,7 +391,7 @@ def measure_memory(stack, cache_dir: Path) -> MemoryModel:
                 + f" ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
-        del model, transformer, adapter
+        del model, transformer
         gc.collect()
     return MemoryModel(cached_tile_bytes, frozen, trainable_params, step, encoder, time.perf_counter() - start)
 
@@ -459,16 +459,8 @@ def print_memory_model(mm: MemoryModel, bytes_per_weight: int = 2) -> dict:
 
 
 def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB RAM; torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} CPUs, {mem:.0f} GiB RAM; torch {torch.__version__}"
 
 
 def main(args: argparse.Namespace) -> None:

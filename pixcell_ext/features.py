@@ -178,13 +178,22 @@ def _encode_into_cache(accelerator, index, keys, missing, cache, vae, uni, resol
     shards = ShardBuffer(cache)
     progress = tqdm(total=len(missing), desc="caching features", disable=not accelerator.is_main_process)
     for batch in loader:
-        mean, std = encode_latent_distribution(vae, vae_input(batch["vae_pixels"].to(accelerator.device)))
-        embedding = uni(batch["uni_pixels"].to(accelerator.device)).squeeze(1).float()
-        tensors = {"latent_mean": mean, "latent_std": std, "uni_embedding": embedding}
+        tensors = cache_entries(
+            vae, uni, batch["uni_pixels"].to(accelerator.device), batch["vae_pixels"].to(accelerator.device)
+        )
         shards.add([keys[i] for i in batch["index"].tolist()], tensors)
         progress.update(len(batch["index"]) * accelerator.num_processes)
     shards.flush()
     progress.close()
+
+
+def cache_entries(
+    vae: AutoencoderKL, uni: UNIEncoder, uni_pixels: torch.Tensor, vae_pixels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """What the cache stores for a batch of uint8 views: the VAE posterior's mean and std (the latent is sampled from
+    them at each step) and the UNI2-h embedding."""
+    mean, std = encode_latent_distribution(vae, vae_input(vae_pixels))
+    return {"latent_mean": mean, "latent_std": std, "uni_embedding": uni(uni_pixels).squeeze(1).float()}
 
 
 @torch.no_grad()

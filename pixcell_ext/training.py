@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 from torch.profiler import record_function
+from torch.utils.data import DataLoader, Dataset
 
-from pixcell_ext import diffusion, features
+from pixcell_ext import data, diffusion, features, models
 from pixcell_ext.adapter import AdapterConfig, UNIAdapter
 from pixcell_ext.conditioning import AdaptedPixCell
 from pixcell_ext.lora import LoRAConfig, inject_lora, lora_parameters
@@ -51,6 +52,49 @@ def make_optimizer(params, *, use_8bit: bool, **hyperparameters) -> torch.optim.
     except ImportError as error:
         raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
     return bitsandbytes.optim.AdamW8bit(params, **hyperparameters)
+
+
+def step_randomness_spec(
+    transformer: PixCellTransformer2DModel,
+    vae: torch.nn.Module,
+    noise_scheduler,
+    resolution: int,
+    *,
+    seed: int,
+    cond_dropout: float,
+    reference_dropout: float = 0.0,
+) -> diffusion.RandomnessSpec:
+    """The per-sample draws of a step on `resolution` px tiles: noise of the transformer's latent shape, timesteps of
+    the training schedule."""
+    latent_size = resolution // models.vae_scale_factor(vae)
+    return diffusion.RandomnessSpec(
+        seed=seed,
+        latent_shape=(transformer.config.in_channels, latent_size, latent_size),
+        num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+        cond_dropout=cond_dropout,
+        reference_dropout=reference_dropout,
+    )
+
+
+def training_dataloader(
+    dataset: Dataset,
+    labels: list[int],
+    spec: diffusion.RandomnessSpec,
+    *,
+    batch_size: int,
+    class_balanced: bool = False,
+    num_workers: int = 0,
+) -> DataLoader:
+    """Batches of `dataset` in an order fixed by (spec.seed, epoch), each sample carrying its step randomness, drawn
+    in the loader workers from (seed, epoch, index) (`diffusion.WithStepRandomness`)."""
+    return DataLoader(
+        diffusion.WithStepRandomness(dataset, spec),
+        batch_size=batch_size,
+        sampler=data.EpochSampler(labels, spec.seed, class_balanced=class_balanced),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,11 @@ def test_the_benchmark_times_the_training_step(recorded_steps, one_thread):
     bench_train.package_step(bench, batches["cached"])
     bench_train.package_step(bench, batches["on_the_fly"])
     assert recorded_steps == [(3, True, 1), (3, True, 1)]
+    # The notebook's way: the same step image by image, accumulated into one update; then back to an update per step.
+    recorded_steps.clear()
+    bench_train.notebook_step(bench, batches["notebook"])
+    bench_train.package_step(bench, batches["cached"])
+    assert recorded_steps == [(1, False, 0), (1, False, 0), (1, True, 1), (3, True, 1)]
 
 
 def test_the_script_runs_the_step_with_one_collective_per_update(recorded_steps, tiny_stack, tmp_path, one_thread):
