@@ -5,26 +5,17 @@ that the generator never saw. A short `--preset mini` adaptation through the rea
 generation with the LoRA merged) must move generated tiles towards TARGET in the judge's feature space, the
 generated tiles must keep the class of their reference, and base-model samples must look like SOURCE.
 
-Measured with the committed stack (shared 2-core machine, 2026-12-01): base samples FD(encoder) 16.0 to SOURCE vs
-25.8 to TARGET (ratio 0.62, bound 0.8), judge class fidelity 0.37 (bound 0.2, chance 0.11); reference similarity
-0.534 at guidance 1 vs 0.569 at 3 (gain 0.035, bound 0.02); after 150 updates FD(judge) 80.8 vs 99.7 for the base
-(ratio 0.81, bound 0.9) and class fidelity 0.31 (bound 0.2). The margins are thin because the mini PixCell is
-under-trained (see benchmarks/RESULTS.md); the runs are seeded, so the values repeat up to float noise.
+Measured with the committed stack (2 threads, idle machine, 2026-12-02; the runs are seeded, so the values repeat
+up to float noise): encoded held-out tiles mean 0.009 / -0.009, std 0.95 / 1.03 for SOURCE / TARGET (bounds
+|mean| < 0.15, std 0.8 to 1.2); base samples FD(encoder) 1.67 to SOURCE vs 18.5 to TARGET (ratio 0.09, bound 0.3), judge class
+fidelity 0.43 (bound 0.25, chance 0.11); samples from the learned null alone 22.5 vs 43.7 (ratio 0.51, bound 0.75);
+reference similarity 0.834 at guidance 1 vs 0.853 at 3 (gain 0.019, bound 0.01); after 150 updates FD(judge) 24.8
+vs 41.3 for the base (ratio 0.60, bound 0.75) and class fidelity 0.54 (bound 0.35).
 
-Bug injection: each bug was put by hand into a private copy of the tree (never the shared one), this module run
-there, and the copy discarded. Failing tests:
-
-- reversed guidance: FAILS base, guidance, adaptation FD, adapted class
-- guidance against the condition itself: FAILS guidance, adaptation FD
-- latent shift dropped: not run before the deadline
-- latent shift sign-flipped: not run before the deadline
-- variance channels as epsilon (loss): FAILS adaptation FD, adapted class
-- variance channels as epsilon (sampler): not run before the deadline
-- zero null embedding at sampling: all pass (NOT caught at these margins)
-- UNI2-h fed unnormalised pixels: FAILS base, adaptation FD, adapted class
-- merged LoRA ignores its scale: all pass (NOT caught: the preset's LoRA alpha equals its rank, scale 1)
-- adapter not applied at generation: FAILS adaptation FD, adapted class
-- LoRA not applied at generation: not run before the deadline
+Bug injection (benchmarks/RESULTS.md, "Learning tests against injected bugs", has the list and the test that
+fails for each): reversed guidance, guidance against the condition itself, a dropped or sign-flipped latent shift,
+the variance channels used as epsilon in the loss or in the sampler, a zero null embedding at sampling, UNI2-h fed
+unnormalised pixels, a merged LoRA that ignores its scale, and an adapter or LoRA not applied at generation.
 """
 
 from __future__ import annotations
@@ -40,6 +31,8 @@ from pixcell_ext import mini_eval as me
 from pixcell_ext.mini import MINI_RESOLUTION
 
 TRAIN_STEPS = 150
+LATENT_MEAN_BOUND = 0.15
+LATENT_STD_RANGE = (0.8, 1.2)
 # Not the rank: the LoRA scale is then 2, so a merge (generation merges) that drops the scale shows in the samples.
 LORA_ALPHA = 16
 IMAGES_PER_CLASS = 6
@@ -113,6 +106,18 @@ def adapted_samples(stack, tmp_path_factory):
 
 def judge_fd(parts, real: me.TileFeatures, images: torch.Tensor) -> float:
     return metrics.frechet_distance(parts["judge"](real.pixels)[1], parts["judge"](images)[1])
+
+
+def test_encoded_tiles_are_standardised_in_pixcells_latent_space(parts):
+    """The VAE's shift/scale were measured from its latents, so held-out tiles of either domain encode to mean ~0,
+    std ~1 in PixCell's latent space (the space the transformer was trained in). A dropped or flipped shift moves the
+    mean by 0.5 or more; the decoder's normalisation hides a constant offset from the pictures, not from this."""
+    for name in ("source_heldout", "target_heldout"):
+        features = parts[name]
+        latents = models.posterior_latents(parts["vae"].config, features.latent_mean, features.latent_std,
+                                           torch.zeros_like(features.latent_mean))  # fmt: skip
+        assert abs(latents.mean().item()) < LATENT_MEAN_BOUND, (name, latents.mean().item())
+        assert LATENT_STD_RANGE[0] < latents.std().item() < LATENT_STD_RANGE[1], (name, latents.std().item())
 
 
 def test_base_samples_are_source_tissue(stack, parts):
