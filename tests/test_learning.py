@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from conftest import REPO, launch_command
-from pixcell_ext import data, metrics, mini, models
+from pixcell_ext import artifacts, data, generation, metrics, mini, models
 from pixcell_ext import mini_eval as me
 from pixcell_ext.mini import MINI_RESOLUTION
 
@@ -45,6 +45,8 @@ ADAPTED_FIDELITY = 0.35
 UNCONDITIONAL_IMAGES = 54
 UNCONDITIONAL_FD_RATIO = 0.75
 GUIDANCE = 1.0  # the mini generation preset's
+MERGED_DIFFERENCE = 0.5  # mean absolute difference, in 8-bit levels
+BASE_DIFFERENCE = 3.0
 GUIDANCE_HIGH = 3.0
 GUIDANCE_GAIN = 0.01
 ASSETS = mini.MINI_ASSETS
@@ -101,7 +103,7 @@ def adapted_samples(stack, tmp_path_factory):
                        "--num_inference_steps", str(SAMPLING_STEPS)))  # fmt: skip
     index = data.scan_image_folder(root / "synthetic")
     images = torch.stack([data.resized_uint8(data.read_rgb(r.path), MINI_RESOLUTION) for r in index.records])
-    return images, torch.tensor([r.label for r in index.records])
+    return images, torch.tensor([r.label for r in index.records]), root / "run"
 
 
 def judge_fd(parts, real: me.TileFeatures, images: torch.Tensor) -> float:
@@ -172,6 +174,37 @@ def test_short_adaptation_moves_samples_to_target(stack, parts, adapted_samples)
 
 
 def test_adapted_samples_keep_the_class_of_their_reference(parts, adapted_samples):
-    images, labels = adapted_samples
+    images, labels, _ = adapted_samples
     fidelity = me.class_fidelity(parts["judge"], images, labels, parts["target_train"].class_names)
     assert fidelity >= ADAPTED_FIDELITY, fidelity
+
+
+def test_generation_applies_what_training_learned(stack, parts, adapted_samples):
+    """The generation script's model (LoRA merged into the weights) makes the tiles that the trained adapter + LoRA
+    make unmerged, as training's validation saw them, and not the base model's. The run's LoRA alpha is not its
+    rank, so a merge that drops the LoRA scale, a LoRA or an adapter left out at generation all show here."""
+    run_dir = adapted_samples[2]
+    request = me.reference_request(parts["target_train"], 2)
+
+    def tiles(model) -> torch.Tensor:
+        return me.generate(model, parts["scheduler"], parts["vae"], request, parts["target_train"],
+                           guidance_scale=GUIDANCE, num_inference_steps=SAMPLING_STEPS).int()  # fmt: skip
+
+    merged = generation.load_generation_model(models.load_transformer(str(stack.pixcell)), str(run_dir), "mini")
+    unmerged = artifacts.load_trained(run_dir, models.load_transformer(str(stack.pixcell))).eval()
+    trained = tiles(unmerged)
+    merged_difference = (tiles(merged) - trained).abs().float().mean().item()
+    base_difference = (tiles(me.base_model(stack.pixcell)) - trained).abs().float().mean().item()
+    assert merged_difference < MERGED_DIFFERENCE, (merged_difference, base_difference)
+    assert base_difference > BASE_DIFFERENCE, (merged_difference, base_difference)
+
+
+def test_guidance_contrasts_with_the_learned_null_embedding(stack):
+    """The unconditional branch is the checkpoint's learned null embedding, adapted. Checked directly: the mini
+    model's null lies close to zero in its encoder's space (norm 1.9 against a spread of 7.9), so samples alone
+    cannot tell a zero null from the learned one here, though for PixCell-256 they differ."""
+    model = me.base_model(stack.pixcell)
+    null = model.transformer.caption_projection.uncond_embedding
+    assert null.norm() > 1.0, null.norm()
+    expected = model.adapter(null.unsqueeze(0).expand(3, -1, -1), output_dtype=model.transformer.dtype)
+    torch.testing.assert_close(model.unconditional_context(3), expected, rtol=0, atol=0)
