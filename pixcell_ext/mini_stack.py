@@ -121,8 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=2,
-        help="Intra-op threads. The committed build used 1: on a busy shared machine more threads were ~10x slower, "
-        "and the thread count changes float rounding, so reproduce it with the same value.",
+        help="Intra-op threads. The thread count changes float rounding: reproduce a committed part with the value in "
+        "its build_info.json (VAE and encoder: 1, judge and transformer: 2).",
     )
     return parser.parse_args(argv)
 

@@ -3,14 +3,17 @@
 The mini PixCell was pretrained on the toy SOURCE domain; the judge is a classifier trained on TARGET train tiles
 that the generator never saw. A short `--preset mini` adaptation through the real scripts (training, then
 generation with the LoRA merged) must move generated tiles towards TARGET in the judge's feature space, the
-generated tiles must keep the class of their reference, and base-model samples must look like SOURCE.
+generated tiles must keep the class of their reference, generation must apply what training learned, and
+base-model samples must look like SOURCE.
 
 Measured with the committed stack (2 threads, idle machine, 2026-12-02; the runs are seeded, so the values repeat up
 to float noise): encoded held-out tiles mean 0.009 / -0.009, std 0.95 / 1.03 for SOURCE / TARGET (bounds |mean| <
 0.15, std 0.8 to 1.2); base samples FD(encoder) 1.67 to SOURCE vs 18.5 to TARGET (ratio 0.09, bound 0.3), judge
 class fidelity 0.43 (bound 0.25, chance 0.11); samples from the learned null alone 22.5 vs 43.7 (ratio 0.51, bound
 0.75); reference similarity 0.834 at guidance 1 vs 0.853 at 3 (gain 0.019, bound 0.01); after 150 updates FD(judge)
-24.8 vs 41.3 for the base (ratio 0.60, bound 0.75) and class fidelity 0.54 (bound 0.35).
+24.8 vs 41.3 for the base (ratio 0.60, bound 0.75) and class fidelity 0.54 (bound 0.35); generation's merged model
+differs from the unmerged trained one by 4e-5 levels on average (bound 0.5) and from the base model by 13.7 (bound
+3).
 
 Bug injection (benchmarks/RESULTS.md, "Learning tests against injected bugs", has the list and the test that
 fails for each): reversed guidance, guidance against the condition itself, a dropped or sign-flipped latent shift,
