@@ -50,7 +50,6 @@ from pixcell_ext.validation import contact_sheet
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = GENERATION_CONFIG_FILE
 PIXEL_KEYS = (
     "model",
     "revision",
@@ -298,7 +297,14 @@ def generated_images(output_dir: Path) -> list[Path]:
 def clear_generated(output_dir: Path) -> None:
     """What `--overwrite` deletes: generated images, temporaries, manifest, contact sheets, config and the dataset
     card that described them; nothing else."""
-    patterns = ("*/gen_*.png", "*/.gen_*.tmp", MANIFEST_FILE, CONFIG_FILE, DATASET_CARD_FILE, ".contact_sheet_*.png")
+    patterns = (
+        "*/gen_*.png",
+        "*/.gen_*.tmp",
+        MANIFEST_FILE,
+        GENERATION_CONFIG_FILE,
+        DATASET_CARD_FILE,
+        ".contact_sheet_*.png",
+    )
     for pattern in patterns:
         for path in output_dir.glob(pattern):
             path.unlink()
@@ -316,7 +322,7 @@ def remove_stale_temporaries(output_dir: Path) -> None:
 def existing_config(output_dir: Path) -> dict | None:
     """The configuration of the images already in `output_dir`; None when it holds none (a config left by a run
     that was stopped before its first image binds nothing)."""
-    path = output_dir / CONFIG_FILE
+    path = output_dir / GENERATION_CONFIG_FILE
     if not path.exists() or not generated_images(output_dir):
         return None
     return json.loads(path.read_text())
@@ -377,15 +383,16 @@ def check_output_dir(output_dir: Path, existing: dict | None, config: dict) -> N
     if existing is None:
         if generated_images(output_dir):
             raise GenerationConfigError(
-                f"'{output_dir}' holds gen_*.png images but no {CONFIG_FILE}, so their configuration is unknown. "
-                "Pass --overwrite to delete them and regenerate, or choose another --output_dir."
+                f"'{output_dir}' holds gen_*.png images but no {GENERATION_CONFIG_FILE}, so their configuration is "
+                "unknown. Pass --overwrite to delete them and regenerate, or choose another --output_dir."
             )
         return
     differences = config_differences(existing, config)
     if differences:
         listing = "\n  ".join(differences)
         raise GenerationConfigError(
-            f"'{output_dir}' holds images generated with a different configuration ({CONFIG_FILE}):\n  {listing}\n"
+            f"'{output_dir}' holds images generated with a different configuration ({GENERATION_CONFIG_FILE}):\n"
+            f"  {listing}\n"
             "Adding to it would mix two datasets. Pass --overwrite to delete its generated images and regenerate, "
             "or choose another --output_dir."
         )
@@ -393,7 +400,7 @@ def check_output_dir(output_dir: Path, existing: dict | None, config: dict) -> N
 
 def write_generation_config(output_dir: Path, config: dict) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(output_dir / CONFIG_FILE, config)
+    write_json_atomically(output_dir / GENERATION_CONFIG_FILE, config)
 
 
 # ---------------------------------------------------------------------------------------------- manifest, sheets

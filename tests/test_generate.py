@@ -117,7 +117,7 @@ def test_tiny_preset_writes_class_folders_and_a_complete_manifest(reference, run
     assert {r["lora_sha256"] for r in rows} == {generation.lora_sha256(str(run_dir))}
     assert {(r["guidance_scale"], r["num_inference_steps"], r["scheduler"]) for r in rows} == {("2.0", STEPS, "dpm")}
     assert not leftovers(reference)
-    config = json.loads((reference / generation.CONFIG_FILE).read_text())
+    config = json.loads((reference / manifest.GENERATION_CONFIG_FILE).read_text())
     assert config["images_per_class"] == dict.fromkeys(NCT_CLASSES, N) and config["resolution"] == 64
 
 
@@ -194,7 +194,7 @@ def test_missing_class_folder_falls_back_to_unconditional(tiny_stack, run_dir, t
     unconditional = {f for f, r in rows.items() if (r["conditioning"], r["reference"]) == ("unconditional", "none")}
     assert unconditional == {f"{c}/gen_{i:04d}.png" for c in ("MUC", "NORM") for i in range(2)}
     assert "MUC: no reference tiles" in caplog.text and "NORM: no reference tiles" in caplog.text
-    assert json.loads((output_dir / generation.CONFIG_FILE).read_text())["references"]["MUC"] is None
+    assert json.loads((output_dir / manifest.GENERATION_CONFIG_FILE).read_text())["references"]["MUC"] is None
 
 
 def test_merged_lora_generates_what_the_unmerged_lora_generates(tiny_stack, run_dir):
@@ -291,9 +291,9 @@ def test_images_without_a_config_are_refused_and_a_config_without_images_binds_n
         generate(*cli(tiny_stack, run_dir, output_dir))
     stopped = tmp_path / "stopped-before-the-first-image"
     stopped.mkdir()
-    shutil.copy(reference / generation.CONFIG_FILE, stopped / generation.CONFIG_FILE)
+    shutil.copy(reference / manifest.GENERATION_CONFIG_FILE, stopped / manifest.GENERATION_CONFIG_FILE)
     generate(*cli(tiny_stack, run_dir, stopped, "--seed", "1", "--classes", "ADI", "--num_images_per_class", "1"))
-    assert json.loads((stopped / generation.CONFIG_FILE).read_text())["seed"] == 1
+    assert json.loads((stopped / manifest.GENERATION_CONFIG_FILE).read_text())["seed"] == 1
 
 
 def test_unreadable_reference_tiles_fail_clearly_or_are_skipped(tiny_stack, tmp_path):
