@@ -95,3 +95,17 @@ def test_build_writes_a_loadable_pixcell_folder(tiny_stack, tmp_path, one_thread
     assert scheduler["beta_schedule"] == "linear" and scheduler["prediction_type"] == "epsilon"
     assert metrics["num_tiles"] == 36 and math.isfinite(metrics["final_mse"])
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_build_is_a_function_of_its_seed(tiny_stack, tmp_path, one_thread):
+    """README: the stack is rebuilt deterministically. Same seed, same weights (threads fixed); another seed differs."""
+    config = PretrainingConfig(num_layers=2, num_attention_heads=2, attention_head_dim=16, batch_size=8, num_steps=3)
+
+    def build(name: str, seed: int) -> dict[str, torch.Tensor]:
+        build_transformer(tmp_path / name, tiny_stack.vae, tiny_stack.uni, tiny_stack.data, seed=seed, config=config)
+        folder = tmp_path / name / PART_FOLDERS["transformer"]
+        return models.load_transformer(str(folder)).state_dict()
+
+    first, again, other = build("a", 0), build("b", 0), build("c", 1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
