@@ -1,6 +1,6 @@
 # Two commands for a first run (README.md, "Start here"):
 #   make demo   train on the embedded preset (PRESET, default mini: the committed trained mini stack, toy tiles)
-#   make test   run the test suite
+#   make test   check the import layers (lint-imports, contracts in pyproject.toml), then run the test suite
 # Each first sets up .venv if it is missing. That happens once (4 to 8 minutes and 6.4 GB, mostly torch): a stamp file
 # records it, and only a change to a requirements file repeats it. Underneath it is plain venv, pip and
 # `accelerate launch`; the README's long form gives the same commands by hand.
@@ -28,6 +28,7 @@ demo: $(STAMP)
 	$(LAUNCH) train_adapter_lora.py --preset $(PRESET) $(DEMO_FLAGS)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/python -m pytest -q
 
 setup: $(STAMP)

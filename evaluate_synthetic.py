@@ -19,10 +19,12 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from pixcell_ext import evaluation, models, presets
 from pixcell_ext.data import scan_image_folder
-from pixcell_ext.features import hash_files
+from pixcell_ext.evaluation import pipeline
+from pixcell_ext.model import networks
 from pixcell_ext.runtime import check_process_group, run_main
+from pixcell_ext.stacks import presets
+from pixcell_ext.training.feature_cache import hash_files
 
 logger = get_logger(__name__)
 PRESETS = presets.EVALUATION_PRESETS
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Feature spaces; Inception is skipped with a note when its weights are unavailable, timm needs "
         "--timm_encoder. The colour-histogram probe baseline always runs.",
     )
-    group.add_argument("--uni_model_name_or_path", default=models.UNI2H_ID, help="hf-hub:id, a folder or a file.")
+    group.add_argument("--uni_model_name_or_path", default=networks.UNI2H_ID, help="hf-hub:id, a folder or a file.")
     group.add_argument("--inception_weights", default=None, help="TorchScript FID Inception or torchvision state dict.")
     group.add_argument("--timm_encoder", default=None, help="timm architecture name of an independent encoder.")
     group.add_argument("--timm_encoder_weights", default=None, help="Its weights (.safetensors or torch state dict).")
@@ -96,10 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def metric_settings(
     args: argparse.Namespace,
-) -> tuple[evaluation.DistributionSettings, evaluation.ProbeSettings, evaluation.LPIPSSettings]:
+) -> tuple[pipeline.DistributionSettings, pipeline.ProbeSettings, pipeline.LPIPSSettings]:
     common = {"confidence": args.confidence, "seed": args.seed}
     return (
-        evaluation.DistributionSettings(
+        pipeline.DistributionSettings(
             pr_k=args.pr_k,
             dc_k=args.dc_k,
             kid_subsets=args.kid_subsets,
@@ -107,13 +109,13 @@ def metric_settings(
             groups=args.jackknife_groups,
             **common,
         ),
-        evaluation.ProbeSettings(
+        pipeline.ProbeSettings(
             low_data_ks=tuple(args.low_data_ks),
             draws=args.low_data_draws,
             replicates=args.bootstrap_replicates,
             **common,
         ),
-        evaluation.LPIPSSettings(
+        pipeline.LPIPSSettings(
             max_pairs=args.lpips_max_pairs, batch_size=args.batch_size, replicates=args.bootstrap_replicates, **common
         ),
     )
@@ -125,21 +127,21 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
 
-    def scan(folder: str, classes: list[str] | None) -> evaluation.TileSet:
+    def scan(folder: str, classes: list[str] | None) -> pipeline.TileSet:
         index = scan_image_folder(folder, classes=classes, skip_bad_images=args.skip_bad_images)
-        return evaluation.TileSet.from_index(index)
+        return pipeline.TileSet.from_index(index)
 
     synthetic = scan(args.synthetic_dir, args.classes)
     classes = args.classes or sorted(set(synthetic.labels))
     real = scan(args.real_dir, classes)
     real_test = scan(args.real_test_dir, classes) if args.real_test_dir else None
     training = scan(args.train_data_dir, None) if args.train_data_dir else None
-    tiles, rows = evaluation.arrange_tiles(
+    tiles, rows = pipeline.arrange_tiles(
         real, synthetic, real_test, test_fraction=args.real_test_fraction, seed=args.seed
     )
-    manifest = evaluation.read_references(args.synthetic_dir, args.real_dir)
+    manifest = pipeline.read_references(args.synthetic_dir, args.real_dir)
     logger.info(f"{len(real.paths)} real, {len(synthetic.paths)} synthetic tiles in {classes}")
-    extractors, notes = evaluation.select_extractors(
+    extractors, notes = pipeline.select_extractors(
         args.extractors,
         uni_model=args.uni_model_name_or_path,
         inception_weights=args.inception_weights,
@@ -160,25 +162,25 @@ def main(args: argparse.Namespace) -> None:
         "batch_size": args.batch_size,
         "num_workers": args.dataloader_num_workers,
     }
-    features, skipped = evaluation.extract_features(accelerator, extractors, tiles.paths, digests, **extract)
+    features, skipped = pipeline.extract_features(accelerator, extractors, tiles.paths, digests, **extract)
     for reason in skipped.values():
         logger.warning(reason)
     synthetic_rows = rows["synthetic"]
-    jitter = evaluation.jittered_features(accelerator, extractors, skipped, tiles, synthetic_rows, digests, **extract)
-    space = evaluation.memorisation_extractor(extractors, skipped) if training else None
-    training_features = evaluation.training_features(accelerator, space, training, **extract) if space else None
+    jitter = pipeline.jittered_features(accelerator, extractors, skipped, tiles, synthetic_rows, digests, **extract)
+    space = pipeline.memorisation_extractor(extractors, skipped) if training else None
+    training_features = pipeline.training_features(accelerator, space, training, **extract) if space else None
     if not accelerator.is_main_process:
         return  # metrics, LPIPS and plots run on the main process alone
 
-    probe_rows = evaluation.select_probe_rows(tiles, rows, args.probe_max_per_class, args.seed)
+    probe_rows = pipeline.select_probe_rows(tiles, rows, args.probe_max_per_class, args.seed)
     if real_test is None:
-        notes.append(evaluation.SAME_PATIENT_SPLIT_NOTE)
+        notes.append(pipeline.SAME_PATIENT_SPLIT_NOTE)
     if probe_rows is None:
         notes.append("Probes skipped: the real train, real test and synthetic sets each need at least two classes.")
-    warnings = evaluation.dependence_warnings(tiles, digests, rows, manifest)
+    warnings = pipeline.dependence_warnings(tiles, digests, rows, manifest)
     if manifest is None:
-        logger.warning(evaluation.NO_MANIFEST_WARNING)
-    extractor_results, found = evaluation.evaluate_feature_spaces(
+        logger.warning(pipeline.NO_MANIFEST_WARNING)
+    extractor_results, found = pipeline.evaluate_feature_spaces(
         extractors,
         features,
         jitter,
@@ -189,7 +191,7 @@ def main(args: argparse.Namespace) -> None:
         *metric_settings(args)[:2],
         device=accelerator.device,
     )
-    memorisation, memorisation_warnings = evaluation.memorisation_report(
+    memorisation, memorisation_warnings = pipeline.memorisation_report(
         space,
         features,
         training_features,
@@ -200,7 +202,7 @@ def main(args: argparse.Namespace) -> None:
         output_dir / "plots" / "memorisation_pairs.png",
         confidence=args.confidence,
     )
-    lpips_section, lpips_notes = evaluation.lpips_report(
+    lpips_section, lpips_notes = pipeline.lpips_report(
         args.lpips_backbone,
         args.lpips_net,
         args.lpips_resolution,
@@ -211,13 +213,13 @@ def main(args: argparse.Namespace) -> None:
         metric_settings(args)[2],
         device=accelerator.device,
     )
-    notes += evaluation.GENERAL_NOTES + lpips_notes + ([memorisation["skipped"]] if "skipped" in memorisation else [])
-    provenance = evaluation.synthetic_provenance(args.synthetic_dir)
-    notes += evaluation.provenance_notes(provenance, random_encoders=args.preset == "tiny")
+    notes += pipeline.GENERAL_NOTES + lpips_notes + ([memorisation["skipped"]] if "skipped" in memorisation else [])
+    provenance = pipeline.synthetic_provenance(args.synthetic_dir)
+    notes += pipeline.provenance_notes(provenance, random_encoders=args.preset == "tiny")
     report = {
         "classes": classes,
         "counts": {role: tiles.subset(role_rows).counts(classes) for role, role_rows in rows.items()},
-        "synthetic_is_standin": evaluation.is_standin(provenance),
+        "synthetic_is_standin": pipeline.is_standin(provenance),
         "probe_split": "--real_test_dir" if real_test else f"--real_dir split per class ({args.real_test_fraction})",
         "extractors": extractor_results,
         "skipped_extractors": skipped,
@@ -227,14 +229,14 @@ def main(args: argparse.Namespace) -> None:
         "notes": notes,
         "config": vars(args),
     }
-    plots = evaluation.write_plots(
+    plots = pipeline.write_plots(
         report, features, tiles, rows, output_dir / "plots", max_points=args.plot_max_points, seed=args.seed
     )
     report["plots"] = [str(p.relative_to(output_dir)) for p in plots]
-    cards, card_notes = evaluation.write_dataset_card(report, provenance, [Path(args.synthetic_dir), output_dir])
+    cards, card_notes = pipeline.write_dataset_card(report, provenance, [Path(args.synthetic_dir), output_dir])
     report["dataset_cards"], report["notes"] = [str(c) for c in cards], notes + card_notes
-    written = evaluation.write_report(output_dir, report)
-    summary = "\n".join([f"Overall, value [{args.confidence:.0%} interval] (n):", *evaluation.summary_lines(report)])
+    written = pipeline.write_report(output_dir, report)
+    summary = "\n".join([f"Overall, value [{args.confidence:.0%} interval] (n):", *pipeline.summary_lines(report)])
     logger.info(f"{summary}\nWrote {written['json']} and {written['csv']}")
 
 

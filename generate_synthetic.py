@@ -21,10 +21,12 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
-from pixcell_ext import generation, manifest, models, presets
-from pixcell_ext.compilation import compile_transformer
 from pixcell_ext.files import write_png_atomically
+from pixcell_ext.generation import manifest, pipeline, run_config, work_list
+from pixcell_ext.model import networks
+from pixcell_ext.model.compilation import compile_transformer
 from pixcell_ext.runtime import check_process_group, run_main, weight_dtype
+from pixcell_ext.stacks import presets
 
 logger = get_logger(__name__)
 PRESETS = presets.GENERATION_PRESETS
@@ -45,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--num_images_per_class", type=int, default=50)
     group.add_argument("--guidance_scale", type=float, default=2.0)
     group.add_argument("--num_inference_steps", type=int, default=20)
-    group.add_argument("--scheduler", choices=sorted(models.SAMPLERS), default="dpm")
+    group.add_argument("--scheduler", choices=sorted(networks.SAMPLERS), default="dpm")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--batch_size", type=int, default=8, help="Images per forward, per process.")
     group.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks.")
@@ -60,6 +62,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def generation_settings(args: argparse.Namespace) -> run_config.GenerationSettings:
+    return run_config.GenerationSettings(
+        pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+        revision=args.revision,
+        vae_name_or_path=args.vae_name_or_path,
+        uni_model_name_or_path=args.uni_model_name_or_path,
+        lora_dir=args.lora_dir,
+        reference_data_dir=args.reference_data_dir,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.num_inference_steps,
+        scheduler=args.scheduler,
+    )
+
+
 def main(args: argparse.Namespace) -> None:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     check_process_group(accelerator)
@@ -67,23 +84,23 @@ def main(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
 
     # Everything that can refuse the run is checked before the models load.
-    generation.check_lora_dir(args.lora_dir)
-    classes = list(dict.fromkeys(args.classes or generation.default_classes(args.reference_data_dir)))
+    pipeline.check_lora_dir(args.lora_dir)
+    classes = list(dict.fromkeys(args.classes or work_list.default_classes(args.reference_data_dir)))
     wanted = dict.fromkeys(classes, args.num_images_per_class)
-    existing = None if args.overwrite else generation.existing_config(output_dir)
-    extent = generation.merged_extent(existing, wanted)
-    files = generation.class_files(args.reference_data_dir, list(extent))
+    existing = None if args.overwrite else run_config.existing_config(output_dir)
+    extent = run_config.merged_extent(existing, wanted)
+    files = work_list.class_files(args.reference_data_dir, list(extent))
     dtype = weight_dtype(accelerator)
-    config = generation.generation_config(args, dtype=dtype, files=files, images_per_class=extent)
+    config = run_config.generation_config(generation_settings(args), dtype=dtype, files=files, images_per_class=extent)
     if not args.overwrite:
-        generation.check_output_dir(output_dir, existing, config)
+        run_config.check_output_dir(output_dir, existing, config)
     references = {
-        name: generation.choose_references(
+        name: work_list.choose_references(
             paths, extent[name], seed=args.seed, class_name=name, skip_bad_images=args.skip_bad_images
         )
         for name, paths in files.items()
     }
-    trained_classes = generation.trained_class_names(args.lora_dir)
+    trained_classes = run_config.trained_class_names(args.lora_dir)
     if trained_classes is not None and set(classes) - set(trained_classes):
         raise ValueError(
             f"--lora_dir {args.lora_dir} was trained with class conditioning on {list(trained_classes)}; it cannot "
@@ -100,7 +117,7 @@ def main(args: argparse.Namespace) -> None:
                 f"{name}: no reference tiles in '{args.reference_data_dir}/{name}'; generating from {fallback}."
             )
 
-    stack = models.load_pixcell_stack(
+    stack = networks.load_pixcell_stack(
         args.pretrained_model_name_or_path,
         args.vae_name_or_path,
         args.uni_model_name_or_path,
@@ -108,24 +125,24 @@ def main(args: argparse.Namespace) -> None:
         device=accelerator.device,
         revision=args.revision,
     )
-    model = generation.load_generation_model(stack.transformer, args.lora_dir, args.pretrained_model_name_or_path)
+    model = pipeline.load_generation_model(stack.transformer, args.lora_dir, args.pretrained_model_name_or_path)
     if args.compile:
         compile_transformer(stack.transformer)
-    resolution = stack.transformer.config.sample_size * models.vae_scale_factor(stack.vae)
+    resolution = stack.transformer.config.sample_size * networks.vae_scale_factor(stack.vae)
 
     accelerator.wait_for_everyone()  # nobody reads the directory's old state after this point
     if accelerator.is_main_process:
         if args.overwrite:
-            generation.clear_generated(output_dir)
-        generation.remove_stale_temporaries(output_dir)
-        generation.write_generation_config(output_dir, {**config, "resolution": resolution})
+            run_config.clear_generated(output_dir)
+        run_config.remove_half_written_images(output_dir)
+        run_config.write_generation_config(output_dir, {**config, "resolution": resolution})
         for name in classes:
             (output_dir / name).mkdir(exist_ok=True)
     accelerator.wait_for_everyone()
 
-    everything = generation.work_items(references, extent, args.seed)
+    everything = work_list.work_items(references, extent, args.seed)
     this_run = [item for item in everything if item.index < wanted.get(item.class_name, 0)]
-    pending = generation.unfinished(this_run, output_dir)
+    pending = work_list.unfinished(this_run, output_dir)
     accelerator.wait_for_everyone()  # every process has listed the same unfinished images before anyone writes
     mine = pending[accelerator.process_index :: accelerator.num_processes]
     logger.info(
@@ -133,13 +150,11 @@ def main(args: argparse.Namespace) -> None:
         f"{accelerator.process_index + 1}/{accelerator.num_processes} makes {len(mine)} on {accelerator.device}.",
         main_process_only=False,
     )
-    settings = generation.SamplingSettings(
-        args.guidance_scale, args.num_inference_steps, args.scheduler, args.batch_size
-    )
-    for name, batches in generation.class_batches(mine, args.batch_size):
+    settings = pipeline.SamplingSettings(args.guidance_scale, args.num_inference_steps, args.scheduler, args.batch_size)
+    for name, batches in work_list.class_batches(mine, args.batch_size):
         progress = tqdm(total=sum(map(len, batches)), desc=name, disable=not accelerator.is_main_process)
         for batch in batches:
-            images = generation.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, batch, settings)
+            images = pipeline.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, batch, settings)
             for item, image in zip(batch, images, strict=True):
                 write_png_atomically(output_dir / item.file, image)
             progress.update(len(batch))
@@ -150,9 +165,7 @@ def main(args: argparse.Namespace) -> None:
         rows = manifest.manifest_rows(output_dir, everything, config)
         manifest.write_manifest(output_dir, rows)
         for name in extent:
-            generation.write_contact_sheet(
-                output_dir, name, [i for i in everything if i.class_name == name], resolution
-            )
+            pipeline.write_contact_sheet(output_dir, name, [i for i in everything if i.class_name == name], resolution)
         logger.info(
             f"{len(rows)} images listed in {output_dir / manifest.MANIFEST_FILE}; contact sheets: "
             f"{output_dir}/.contact_sheet_<CLASS>.png"

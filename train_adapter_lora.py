@@ -19,20 +19,12 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from pixcell_ext import (
-    artifacts,
-    checkpointing,
-    data,
-    features,
-    models,
-    presets,
-    training,
-    validation,
-)
-from pixcell_ext.adapter import AdapterConfig
-from pixcell_ext.attention import check_lora_targets
-from pixcell_ext.compilation import compile_transformer
-from pixcell_ext.lora import (
+from pixcell_ext import data
+from pixcell_ext.model import networks
+from pixcell_ext.model.adapter import AdapterConfig
+from pixcell_ext.model.attention import check_lora_targets
+from pixcell_ext.model.compilation import compile_transformer
+from pixcell_ext.model.lora import (
     DEFAULT_TARGET_MODULES,
     LoRAConfig,
     alpha_or_rank,
@@ -48,6 +40,8 @@ from pixcell_ext.runtime import (
     too_many_bad_steps_message,
     weight_dtype,
 )
+from pixcell_ext.stacks import presets
+from pixcell_ext.training import checkpoints, feature_cache, loop, run_directory, validation
 
 logger = get_logger(__name__)
 PRESETS = presets.TRAINING_PRESETS
@@ -164,8 +158,8 @@ def main(args: argparse.Namespace) -> None:
     accelerator = make_accelerator(args, output_dir)
 
     # Output folder and data first: a mistake should fail in seconds, not after loading 1.3 B parameters.
-    artifacts.check_writable(output_dir)
-    artifacts.claim_output_dir(
+    run_directory.check_writable(output_dir)
+    run_directory.claim_output_dir(
         output_dir,
         resuming=bool(args.resume_from_checkpoint),
         overwrite=args.overwrite,
@@ -174,13 +168,13 @@ def main(args: argparse.Namespace) -> None:
     )
     accelerator.wait_for_everyone()
     index = load_index(args, accelerator)
-    checkpoint = checkpointing.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-    updates_per_epoch = checkpointing.updates_per_epoch(
+    checkpoint = checkpoints.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    updates_per_epoch = checkpoints.updates_per_epoch(
         len(index.records), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps
     )
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     if checkpoint is not None:
-        checkpointing.check_resumable(checkpoint, vars(args))
+        checkpoints.check_resumable(checkpoint, vars(args))
         if finish_if_complete(accelerator, checkpoint, output_dir, max_train_steps):
             return
 
@@ -188,16 +182,16 @@ def main(args: argparse.Namespace) -> None:
     stack, resolution = load_frozen_models(args, accelerator)
     set_seed(args.seed)  # the initial LoRA/adapter weights must not depend on which models were built before
     lora_config, adapter_config = model_configs(args, stack.transformer.config, index.class_names)
-    model = training.build_adapted_model(
+    model = loop.build_adapted_model(
         stack.transformer, lora_config, adapter_config, gradient_checkpointing=args.gradient_checkpointing
     )
     if args.compile:
         compile_transformer(stack.transformer)
-    trainable = training.trainable_parameters(model)
+    trainable = loop.trainable_parameters(model)
     dataset = training_dataset(args, accelerator, index, resolution)
-    noise_scheduler = models.training_scheduler(stack.scheduler_config)
+    noise_scheduler = networks.training_scheduler(stack.scheduler_config)
     train_dataloader = training_dataloader(args, dataset, index, stack, resolution, noise_scheduler)
-    optimizer = training.make_optimizer(
+    optimizer = loop.make_optimizer(
         trainable,
         use_8bit=args.use_8bit_adam,
         lr=args.learning_rate,
@@ -212,16 +206,16 @@ def main(args: argparse.Namespace) -> None:
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
     )
     accelerator.register_for_checkpointing(lr_scheduler)
-    accelerator.register_save_state_pre_hook(artifacts.checkpoint_save_hook(accelerator, lora_config))
-    accelerator.register_load_state_pre_hook(artifacts.checkpoint_load_hook(accelerator))
-    modules = training.TrainingModules(model, trainable, optimizer, lr_scheduler, noise_scheduler, stack.vae, stack.uni)
-    step_config = training.StepConfig(args.max_grad_norm, args.snr_gamma, args.class_loss_weight, args.augment)
+    accelerator.register_save_state_pre_hook(run_directory.checkpoint_save_hook(accelerator, lora_config))
+    accelerator.register_load_state_pre_hook(run_directory.checkpoint_load_hook(accelerator))
+    modules = loop.TrainingModules(model, trainable, optimizer, lr_scheduler, noise_scheduler, stack.vae, stack.uni)
+    step_config = loop.StepConfig(args.max_grad_norm, args.snr_gamma, args.class_loss_weight, args.augment)
     validate = validation_panels(args, accelerator, index, dataset, stack, resolution)
     run_config = {**vars(args), "class_names": index.class_names, "resolution": resolution}
 
-    progress = checkpointing.load_checkpoint(accelerator, checkpoint)
+    progress = checkpoints.load_checkpoint(accelerator, checkpoint)
     if accelerator.is_main_process:
-        accelerator.init_trackers("pixcell_adapter_lora", config=artifacts.loggable_config(run_config))
+        accelerator.init_trackers("pixcell_adapter_lora", config=run_directory.loggable_config(run_config))
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
     log_plan(args, accelerator, model, checkpoint, progress, max_train_steps, num_epochs, updates_per_epoch)
     progress_bar = tqdm(
@@ -239,7 +233,7 @@ def main(args: argparse.Namespace) -> None:
         progress.epoch, progress.batches_in_epoch = epoch, skip
         for batch in batches:
             progress.batches_in_epoch += 1
-            stats = training.train_step(accelerator, modules, batch, step_config)
+            stats = loop.train_step(accelerator, modules, batch, step_config)
             if not stats.updated:
                 continue
             progress.global_step += 1
@@ -258,7 +252,7 @@ def main(args: argparse.Namespace) -> None:
 
             last = progress.global_step == max_train_steps
             if progress.global_step % args.checkpointing_steps == 0 or last:
-                saved = checkpointing.save_checkpoint(
+                saved = checkpoints.save_checkpoint(
                     accelerator, output_dir, progress, args.checkpoints_total_limit, run_config
                 )
                 logger.info(f"Saved {saved}")
@@ -272,9 +266,9 @@ def main(args: argparse.Namespace) -> None:
     check_replicas_identical(accelerator, trainable)
     logger.info(f"Trainable weights are bit-identical on all {accelerator.num_processes} process(es)")
     if accelerator.is_main_process:
-        with artifacts.disk_full_explained(output_dir, "the final weights", f"checkpoint-{progress.global_step}"):
-            artifacts.save_trained(output_dir, accelerator.unwrap_model(model), lora_config)
-            artifacts.write_run_summary(output_dir, {**run_config, "trained_steps": progress.global_step})
+        with run_directory.disk_full_explained(output_dir, "the final weights", f"checkpoint-{progress.global_step}"):
+            run_directory.save_trained(output_dir, accelerator.unwrap_model(model), lora_config)
+            run_directory.write_run_summary(output_dir, {**run_config, "trained_steps": progress.global_step})
         logger.info(f"Wrote adapter, LoRA, config and model card to {output_dir}")
     accelerator.end_training()
 
@@ -321,10 +315,10 @@ def load_index(args: argparse.Namespace, accelerator: Accelerator) -> data.Image
 def finish_if_complete(accelerator: Accelerator, checkpoint: Path, output_dir: Path, max_train_steps: int) -> bool:
     """A resubmitted run that already made its last update trains nothing (not step N+1): it only writes the final
     outputs a kill after the last checkpoint left missing."""
-    done = checkpointing.read_progress(checkpoint).global_step
+    done = checkpoints.read_progress(checkpoint).global_step
     if done < max_train_steps:
         return False
-    written = checkpointing.finish_from_checkpoint(checkpoint, output_dir) if accelerator.is_main_process else []
+    written = checkpoints.finish_from_checkpoint(checkpoint, output_dir) if accelerator.is_main_process else []
     accelerator.wait_for_everyone()
     logger.info(
         f"The run in {output_dir} is complete: {checkpoint.name} holds {done} of {max_train_steps} updates, so "
@@ -333,11 +327,11 @@ def finish_if_complete(accelerator: Accelerator, checkpoint: Path, output_dir: P
     return True
 
 
-def load_frozen_models(args: argparse.Namespace, accelerator: Accelerator) -> tuple[models.PixCellStack, int]:
+def load_frozen_models(args: argparse.Namespace, accelerator: Accelerator) -> tuple[networks.PixCellStack, int]:
     """PixCell, the VAE (decoder only when training from the cache) and UNI2-h (not at all then), in the compute
     dtype of the mixed-precision mode; and the tile resolution."""
     dtype, use_cache = weight_dtype(accelerator), args.feature_cache is not None
-    stack = models.load_pixcell_stack(
+    stack = networks.load_pixcell_stack(
         args.pretrained_model_name_or_path,
         args.vae_name_or_path,
         args.uni_model_name_or_path,
@@ -347,7 +341,7 @@ def load_frozen_models(args: argparse.Namespace, accelerator: Accelerator) -> tu
         vae_decoder_only=use_cache,
         revision=args.revision,
     )
-    resolution = args.resolution or stack.transformer.config.sample_size * models.vae_scale_factor(stack.vae)
+    resolution = args.resolution or stack.transformer.config.sample_size * networks.vae_scale_factor(stack.vae)
     if args.enable_vae_slicing:
         stack.vae.enable_slicing()
     if args.enable_vae_tiling:
@@ -389,28 +383,28 @@ def training_dataset(args: argparse.Namespace, accelerator: Accelerator, index, 
     """Tiles decoded on the fly, or their cached VAE/UNI2-h features (the cache is filled first where incomplete)."""
     if args.feature_cache is None:
         return data.TileDataset(index, resolution)
-    dtype, cache = weight_dtype(accelerator), features.FeatureCache(args.feature_cache)
-    keys = features.build_feature_cache(
+    dtype, cache = weight_dtype(accelerator), feature_cache.FeatureCache(args.feature_cache)
+    keys = feature_cache.build_feature_cache(
         accelerator,
         index,
         cache,
-        vae_identity=features.model_identity(args.vae_name_or_path),
-        uni_identity=features.model_identity(args.uni_model_name_or_path),
+        vae_identity=feature_cache.model_identity(args.vae_name_or_path),
+        uni_identity=feature_cache.model_identity(args.uni_model_name_or_path),
         resolution=resolution,
         load_encoders=lambda: (
-            models.load_vae(args.vae_name_or_path, dtype=dtype).to(accelerator.device),
-            models.load_uni(args.uni_model_name_or_path, dtype=dtype).to(accelerator.device),
+            networks.load_vae(args.vae_name_or_path, dtype=dtype).to(accelerator.device),
+            networks.load_uni(args.uni_model_name_or_path, dtype=dtype).to(accelerator.device),
         ),
         batch_size=args.train_batch_size,
         num_workers=args.dataloader_num_workers,
         dtype=dtype,
     )
-    return features.CachedFeatureDataset(index, keys, cache)
+    return feature_cache.CachedFeatureDataset(index, keys, cache)
 
 
 def training_dataloader(args: argparse.Namespace, dataset, index, stack, resolution: int, noise_scheduler):
     """Each sample carries its step randomness, drawn in the loader workers from (seed, epoch, index)."""
-    spec = training.step_randomness_spec(
+    spec = loop.step_randomness_spec(
         stack.transformer,
         stack.vae,
         noise_scheduler,
@@ -419,7 +413,7 @@ def training_dataloader(args: argparse.Namespace, dataset, index, stack, resolut
         cond_dropout=args.cond_dropout,
         reference_dropout=args.reference_dropout if args.class_conditioning else 0.0,
     )
-    return training.training_dataloader(
+    return loop.training_dataloader(
         dataset,
         [r.label for r in index.records],
         spec,
@@ -464,7 +458,7 @@ def log_plan(
     accelerator: Accelerator,
     model: torch.nn.Module,
     checkpoint: Path | None,
-    progress: checkpointing.TrainingProgress,
+    progress: checkpoints.TrainingProgress,
     max_train_steps: int,
     num_epochs: int,
     updates_per_epoch: int,

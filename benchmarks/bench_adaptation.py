@@ -34,9 +34,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pixcell_ext import mini, models  # noqa: E402
-from pixcell_ext import mini_eval as me  # noqa: E402
-from pixcell_ext.probe import tstr_trtr  # noqa: E402
+from pixcell_ext.evaluation.probe import tstr_trtr  # noqa: E402
+from pixcell_ext.model import networks  # noqa: E402
+from pixcell_ext.stacks import mini  # noqa: E402
+from pixcell_ext.stacks import mini_eval as me  # noqa: E402
 
 SECTIONS = ("core", "class", "tstr", "guidance", "placement")
 
@@ -63,9 +64,9 @@ class Study:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.stack = mini.write_mini_stack(args.mini_dir, Path(args.assets))
-        self.scheduler_config = models.load_scheduler_config(str(self.stack.pixcell))
-        self.vae = models.load_vae(str(self.stack.vae))
-        self.uni = models.load_uni(str(self.stack.uni))
+        self.scheduler_config = networks.load_scheduler_config(str(self.stack.pixcell))
+        self.vae = networks.load_vae(str(self.stack.vae))
+        self.uni = networks.load_uni(str(self.stack.uni))
         self.judge = me.load_mini_judge(self.stack.judge)
         resolution = mini.MINI_RESOLUTION
         self.train = me.encode_tiles(self.stack.target_train, self.vae, self.uni, resolution)

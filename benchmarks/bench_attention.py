@@ -8,7 +8,7 @@ Two measurements, each timing the standard path (`attention.install_standard_att
 
   train      the cached training step of `bench_train.py --preset small` (same models, batch 8, adapter + LoRA
              rank 16 on the default targets, AdamW): adapter + LoRA transformer forward/backward and the update.
-  generate   `generation.generate_batch` at `bench_generate.py`'s `small` preset (PixCell 4 blocks of width 256 at
+  generate   `pipeline.generate_batch` at `bench_generate.py`'s `small` preset (PixCell 4 blocks of width 256 at
              256 px, LoRA merged, batch 8, both guidance branches in one forward, tiny UNI2-h and VAE decode).
              The images of both paths are compared and must agree to one grey level.
 
@@ -37,10 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate  # noqa: E402
 import bench_train  # noqa: E402
 
-from pixcell_ext import benchmarking, generation, models  # noqa: E402
-from pixcell_ext.attention import install_single_token_attention, install_standard_attention  # noqa: E402
-from pixcell_ext.lora import merge_lora  # noqa: E402
-from pixcell_ext.tiny import write_tiny_stack  # noqa: E402
+from pixcell_ext import benchmarking  # noqa: E402
+from pixcell_ext.generation import (
+    pipeline,  # noqa: E402
+    work_list,  # noqa: E402
+)
+from pixcell_ext.model import networks  # noqa: E402
+from pixcell_ext.model.attention import install_single_token_attention, install_standard_attention  # noqa: E402
+from pixcell_ext.model.lora import merge_lora  # noqa: E402
+from pixcell_ext.stacks.tiny import write_tiny_stack  # noqa: E402
 
 TARGET = 1.12
 PATHS = ("standard", "single_token")
@@ -129,21 +134,21 @@ def bench_training(repeats: int) -> bool:
 
 def bench_generation(repeats: int, tiny_dir: str, num_images: int, steps: int) -> bool:
     paths = write_tiny_stack(tiny_dir)
-    files = generation.class_files(paths.data, ["ADI", "TUM"])
+    files = work_list.class_files(paths.data, ["ADI", "TUM"])
     references = {
-        n: generation.choose_references(f, 4, seed=0, class_name=n, skip_bad_images=False) for n, f in files.items()
+        n: work_list.choose_references(f, 4, seed=0, class_name=n, skip_bad_images=False) for n, f in files.items()
     }
-    items = generation.work_items(references, {"ADI": num_images // 2, "TUM": num_images - num_images // 2}, seed=0)
-    stack = models.load_pixcell_stack(str(paths.pixcell), str(paths.vae), str(paths.uni))
+    items = work_list.work_items(references, {"ADI": num_images // 2, "TUM": num_images - num_images // 2}, seed=0)
+    stack = networks.load_pixcell_stack(str(paths.pixcell), str(paths.vae), str(paths.uni))
     transformer = bench_generate.small_transformer()
     model = bench_generate.adapted_with_lora(transformer)
     merge_lora(transformer)
-    settings = generation.SamplingSettings(2.0, steps, "dpm", num_images)
+    settings = pipeline.SamplingSettings(2.0, steps, "dpm", num_images)
     images = {}
 
     def run() -> None:
         kind = type(next(p for n, p in transformer.attn_processors.items() if ".attn2." in n)).__name__
-        images[kind] = generation.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, items, settings)
+        images[kind] = pipeline.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, items, settings)
 
     flops = count_flops(run, transformer)
     times = time_paths(run, transformer, repeats, warmup=1)

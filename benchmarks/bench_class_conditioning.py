@@ -24,13 +24,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pixcell_ext import models  # noqa: E402
-from pixcell_ext.artifacts import load_trained  # noqa: E402
 from pixcell_ext.data import TileDataset, scan_image_folder, vae_input  # noqa: E402
-from pixcell_ext.probe import linear_probe  # noqa: E402
-from pixcell_ext.sampling import sample_latents_cfg  # noqa: E402
+from pixcell_ext.evaluation.probe import linear_probe  # noqa: E402
+from pixcell_ext.model import networks  # noqa: E402
+from pixcell_ext.model.sampling import sample_latents_cfg  # noqa: E402
 from pixcell_ext.seeding import generator_for  # noqa: E402
-from pixcell_ext.tiny import write_tiny_stack  # noqa: E402
+from pixcell_ext.stacks.tiny import write_tiny_stack  # noqa: E402
+from pixcell_ext.training.run_directory import load_trained  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -80,13 +80,13 @@ def main(args: argparse.Namespace) -> None:
     train(runs["plain"], args)
     train(runs["class-conditioned"], args, "--class_conditioning")
 
-    stack = models.load_pixcell_stack(str(stack_paths.pixcell), str(stack_paths.vae), str(stack_paths.uni))
+    stack = networks.load_pixcell_stack(str(stack_paths.pixcell), str(stack_paths.vae), str(stack_paths.uni))
     index = scan_image_folder(stack_paths.data)
     tiles = TileDataset(index, resolution=64)
     items = [tiles[i] for i in range(len(tiles))]
     labels = np.array([item["label"] for item in items])
     with torch.no_grad():
-        real_latents = models.encode_latent_distribution(
+        real_latents = networks.encode_latent_distribution(
             stack.vae, vae_input(torch.stack([item["vae_pixels"] for item in items]))
         )[0]
         real_uni = stack.uni(torch.stack([item["uni_pixels"] for item in items]))
@@ -99,7 +99,7 @@ def main(args: argparse.Namespace) -> None:
     ]
     results = {}
     for name, run in runs.items():
-        model = load_trained(run, models.load_transformer(str(stack_paths.pixcell)))
+        model = load_trained(run, networks.load_transformer(str(stack_paths.pixcell)))
         class_ids = torch.tensor(classes)
         with_reference = model.context(real_uni[references], labels=class_ids)
         without = (

@@ -3,7 +3,7 @@
     python benchmarks/bench_generate.py            # CPU, under 2 minutes; target: batched >= 2x the loop
     python benchmarks/bench_generate.py --quality_table   # sampler x steps against the 30-step result (tiny)
 
-Batched: `generation.generate_batch` at batch 8, both guidance branches in one transformer forward, LoRA merged,
+Batched: `pipeline.generate_batch` at batch 8, both guidance branches in one transformer forward, LoRA merged,
 UNI2-h and VAE decode batched. Loop: one image at a time, a conditional and an unconditional forward per step, LoRA
 unmerged (as the notebook ran PEFT). Both include UNI2-h on the reference tile and the VAE decode; both make the same
 images (the largest difference is printed). Presets, both random weights: 'tiny' is the tiny test stack (written to
@@ -25,27 +25,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixcell_ext import generation, models  # noqa: E402
-from pixcell_ext.adapter import AdapterConfig, UNIAdapter  # noqa: E402
-from pixcell_ext.conditioning import AdaptedPixCell  # noqa: E402
-from pixcell_ext.lora import LoRAConfig, inject_lora, merge_lora, unmerge_lora  # noqa: E402
-from pixcell_ext.sampling import to_uint8_images  # noqa: E402
-from pixcell_ext.tiny import TINY_UNI_WIDTH, write_tiny_stack  # noqa: E402
+from pixcell_ext.generation import (
+    pipeline,  # noqa: E402
+    work_list,  # noqa: E402
+)
+from pixcell_ext.model import networks  # noqa: E402
+from pixcell_ext.model.adapter import AdapterConfig, UNIAdapter  # noqa: E402
+from pixcell_ext.model.conditioning import AdaptedPixCell  # noqa: E402
+from pixcell_ext.model.lora import LoRAConfig, inject_lora, merge_lora, unmerge_lora  # noqa: E402
+from pixcell_ext.model.sampling import to_uint8_images  # noqa: E402
+from pixcell_ext.stacks.tiny import TINY_UNI_WIDTH, write_tiny_stack  # noqa: E402
 
 TARGET = 2.0
 QUALITY_SAMPLERS = ("dpm", "euler")
 QUALITY_STEPS = (10, 15, 20, 30)
 
 
-def small_transformer() -> models.PixCellTransformer2DModel:
+def small_transformer() -> networks.PixCellTransformer2DModel:
     torch.manual_seed(0)
-    return models.PixCellTransformer2DModel(
+    return networks.PixCellTransformer2DModel(
         num_attention_heads=4, attention_head_dim=64, num_layers=4, cross_attention_dim=256, sample_size=32,
         caption_channels=TINY_UNI_WIDTH, interpolation_scale=1.0,
     ).eval()  # fmt: skip
 
 
-def adapted_with_lora(transformer: models.PixCellTransformer2DModel) -> AdaptedPixCell:
+def adapted_with_lora(transformer: networks.PixCellTransformer2DModel) -> AdaptedPixCell:
     """Adapter and rank-4 LoRA with non-zero weights, so both are real work and change the images."""
     model = AdaptedPixCell(
         transformer, UNIAdapter(AdapterConfig(embed_dim=transformer.config.caption_channels, hidden_dim=256))
@@ -64,9 +68,9 @@ def one_at_a_time(model, uni, vae, scheduler_config, item, steps: int, guidance:
     """The loop being replaced: batch 1, separate conditional and unconditional forwards."""
     transformer = model.transformer
     channels, size = transformer.config.in_channels, transformer.config.sample_size
-    context = model.context(uni(generation.reference_pixels(item.reference)[None]))
+    context = model.context(uni(pipeline.reference_pixels(item.reference)[None]))
     null = model.unconditional_context(1)
-    scheduler = models.sampling_scheduler(scheduler_config, "dpm")
+    scheduler = networks.sampling_scheduler(scheduler_config, "dpm")
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(item.seed)
     latents = torch.randn((channels, size, size), generator=generator)[None] * scheduler.init_noise_sigma
@@ -75,7 +79,7 @@ def one_at_a_time(model, uni, vae, scheduler_config, item, steps: int, guidance:
         conditional = transformer(x, context, timestep=t.expand(1)).sample[:, :channels]
         unconditional = transformer(x, null, timestep=t.expand(1)).sample[:, :channels]
         latents = scheduler.step(unconditional + guidance * (conditional - unconditional), t, latents).prev_sample
-    return to_uint8_images(models.decode_latents(vae, latents)).numpy()[0]
+    return to_uint8_images(networks.decode_latents(vae, latents)).numpy()[0]
 
 
 def bench(name: str, description: str, transformer, stack, items, args) -> bool:
@@ -93,10 +97,10 @@ def bench(name: str, description: str, transformer, stack, items, args) -> bool:
 
     def batched(steps: int) -> np.ndarray:
         merge_lora(transformer)
-        settings = generation.SamplingSettings(args.guidance_scale, steps, "dpm", batch)
+        settings = pipeline.SamplingSettings(args.guidance_scale, steps, "dpm", batch)
         return np.concatenate(
             [
-                generation.generate_batch(
+                pipeline.generate_batch(
                     model, stack.uni, stack.vae, stack.scheduler_config, items[i : i + batch], settings
                 )
                 for i in range(0, len(items), batch)
@@ -137,10 +141,10 @@ def quality_table(transformer, stack, items, args) -> None:
     batch = args.batch_size
 
     def images(sampler: str, steps: int) -> tuple[np.ndarray, float]:
-        settings = generation.SamplingSettings(args.guidance_scale, steps, sampler, batch)
+        settings = pipeline.SamplingSettings(args.guidance_scale, steps, sampler, batch)
         start = time.perf_counter()
         out = [
-            generation.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, chunk, settings)
+            pipeline.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, chunk, settings)
             for chunk in (items[i : i + batch] for i in range(0, len(items), batch))
         ]
         return np.concatenate(out).astype(np.float64), (time.perf_counter() - start) / len(items)
@@ -175,14 +179,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     paths = write_tiny_stack(args.tiny_dir)
-    files = generation.class_files(paths.data, ["ADI", "TUM"])
+    files = work_list.class_files(paths.data, ["ADI", "TUM"])
     references = {
-        n: generation.choose_references(f, 4, seed=0, class_name=n, skip_bad_images=False) for n, f in files.items()
+        n: work_list.choose_references(f, 4, seed=0, class_name=n, skip_bad_images=False) for n, f in files.items()
     }
     if args.quality_table:
         count = args.num_images[0]
-        items = generation.work_items(references, {"ADI": count // 2, "TUM": count - count // 2}, seed=0)
-        stack = models.load_pixcell_stack(str(paths.pixcell), str(paths.vae), str(paths.uni))
+        items = work_list.work_items(references, {"ADI": count // 2, "TUM": count - count // 2}, seed=0)
+        stack = networks.load_pixcell_stack(str(paths.pixcell), str(paths.vae), str(paths.uni))
         print(f"bench_generate --quality_table: tiny stack, random weights; {torch.get_num_threads()} CPU thread(s)")
         quality_table(stack.transformer, stack, items, args)
         return
@@ -193,8 +197,8 @@ def main() -> None:
     results = []
     for preset in args.presets:
         count = args.num_images[0 if preset == "tiny" else 1]
-        items = generation.work_items(references, {"ADI": count // 2, "TUM": count - count // 2}, seed=0)
-        stack = models.load_pixcell_stack(str(paths.pixcell), str(paths.vae), str(paths.uni))
+        items = work_list.work_items(references, {"ADI": count // 2, "TUM": count - count // 2}, seed=0)
+        stack = networks.load_pixcell_stack(str(paths.pixcell), str(paths.vae), str(paths.uni))
         if preset == "tiny":
             description = "tiny stack: PixCell 4 blocks width 32, 64 px"
             transformer = stack.transformer

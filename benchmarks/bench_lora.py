@@ -29,11 +29,11 @@ from torch import nn
 
 try:
     from pixcell_ext.benchmarking import paired_ratio
-    from pixcell_ext.lora import LoRALinear
+    from pixcell_ext.model.lora import LoRALinear
 except ImportError:  # run as a script from a checkout: the repo root is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from pixcell_ext.benchmarking import paired_ratio
-    from pixcell_ext.lora import LoRALinear
+    from pixcell_ext.model.lora import LoRALinear
 
 WIDTHS = ((1152, 1152), (1152, 4608), (4608, 1152))  # attention projections, ff up, ff down
 RANK = 16

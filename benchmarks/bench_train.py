@@ -6,11 +6,11 @@
 
 Modes (same models, batch size, LoRA config and optimiser; random weights, random tiles):
   notebook    the original notebook's way: per image, tensor -> PIL -> torchvision Resize(224)/ToTensor/Normalize
-              -> UNI2-h, and a VAE encode, every step; then `training.train_step` on that image: micro-batch 1
+              -> UNI2-h, and a VAE encode, every step; then `loop.train_step` on that image: micro-batch 1
               with gradient accumulation up to the batch.
-  on_the_fly  train_adapter_lora.py without --feature_cache: its step, `training.train_step`, on uint8 tensors
+  on_the_fly  train_adapter_lora.py without --feature_cache: its step, `loop.train_step`, on uint8 tensors
               (UNI2-h and VAE encode batched on the device), loss, backward, guarded optimiser and LR step.
-  cached      train_adapter_lora.py with --feature_cache: the same `training.train_step` on stored latent
+  cached      train_adapter_lora.py with --feature_cache: the same `loop.train_step` on stored latent
               mean/std + UNI embedding, so only the adapter + LoRA transformer forward/backward and the update remain.
 Tile decoding and the data loader's resize to 224 px (done in loader workers in training) are outside every step;
 the notebook did its PIL round trip inside the step, so it is timed there.
@@ -46,11 +46,17 @@ from torchvision.transforms.functional import to_pil_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixcell_ext import benchmarking, data, features, full_random, models, training  # noqa: E402
-from pixcell_ext.adapter import AdapterConfig  # noqa: E402
-from pixcell_ext.lora import LoRAConfig  # noqa: E402
+from pixcell_ext import benchmarking, data  # noqa: E402
+from pixcell_ext.model import networks  # noqa: E402
+from pixcell_ext.model.adapter import AdapterConfig  # noqa: E402
+from pixcell_ext.model.lora import LoRAConfig  # noqa: E402
 from pixcell_ext.runtime import weight_dtype  # noqa: E402
-from pixcell_ext.tiny import write_tiny_stack  # noqa: E402
+from pixcell_ext.stacks import full_random  # noqa: E402
+from pixcell_ext.stacks.tiny import write_tiny_stack  # noqa: E402
+from pixcell_ext.training import (
+    feature_cache,  # noqa: E402
+    loop,  # noqa: E402
+)
 
 MODES = ("notebook", "on_the_fly", "cached")
 TARGET_SPEEDUP = 3.0  # cached / notebook images/s, set for --preset small on the CPU
@@ -65,10 +71,11 @@ SCHEDULER_CONFIG = full_random.SCHEDULER_CONFIG
 
 @dataclass(frozen=True)
 class Preset:
-    """Model shapes and run length. `transformer=None` means the tiny stack of `pixcell_ext.tiny`, via the loaders."""
+    """Model shapes and run length. `transformer=None` means the tiny stack of `pixcell_ext.stacks.tiny`, via the
+    loaders."""
 
     transformer: dict | None = None
-    uni: dict = field(default_factory=dict)  # overrides of models.uni2h_timm_kwargs()
+    uni: dict = field(default_factory=dict)  # overrides of networks.uni2h_timm_kwargs()
     vae: dict = field(default_factory=dict)  # overrides of SD35_VAE
     batch_size: int = 8
     adapter_hidden_dim: int = 1024
@@ -147,12 +154,12 @@ def _diffusers_quiet():
         diffusers_logging.set_verbosity(level)
 
 
-def build_stack(preset: Preset, device: torch.device, dtype: torch.dtype) -> models.PixCellStack:
+def build_stack(preset: Preset, device: torch.device, dtype: torch.dtype) -> networks.PixCellStack:
     """Frozen models with random weights, built directly on the device (fast even at full size)."""
     if preset.transformer is None:
         with tempfile.TemporaryDirectory() as tmp:
             tiny = write_tiny_stack(tmp)
-            return models.load_pixcell_stack(
+            return networks.load_pixcell_stack(
                 str(tiny.pixcell), str(tiny.vae), str(tiny.uni), dtype=dtype, device=device
             )
     import timm
@@ -160,17 +167,17 @@ def build_stack(preset: Preset, device: torch.device, dtype: torch.dtype) -> mod
 
     torch.manual_seed(0)
     with torch.device(device):
-        transformer = models.PixCellTransformer2DModel(**preset.transformer)
-        uni_kwargs = {**models.uni2h_timm_kwargs(), **preset.uni}
-        vit = timm.create_model(models.UNI2H_ARCHITECTURE, pretrained=False, **uni_kwargs)
-        uni = models.UNIEncoder(vit)
+        transformer = networks.PixCellTransformer2DModel(**preset.transformer)
+        uni_kwargs = {**networks.uni2h_timm_kwargs(), **preset.uni}
+        vit = timm.create_model(networks.UNI2H_ARCHITECTURE, pretrained=False, **uni_kwargs)
+        uni = networks.UNIEncoder(vit)
         vae = AutoencoderKL(**{**SD35_VAE, **preset.vae})
     if dtype != torch.float32:  # as load_pixcell_stack's torch_dtype; quiet diffusers' note about `.to(dtype)`
         with _diffusers_quiet():
             transformer, uni, vae = (m.to(dtype) for m in (transformer, uni, vae))
     transformer, uni, vae = (m.requires_grad_(False).eval() for m in (transformer, uni, vae))
-    models.check_stack_compatible(transformer, uni, vae)
-    return models.PixCellStack(transformer, SCHEDULER_CONFIG, vae, uni)
+    networks.check_stack_compatible(transformer, uni, vae)
+    return networks.PixCellStack(transformer, SCHEDULER_CONFIG, vae, uni)
 
 
 @dataclass
@@ -178,8 +185,8 @@ class Bench:
     """Everything one training step touches, set up as train_adapter_lora.py sets it up."""
 
     accelerator: Accelerator
-    modules: training.TrainingModules
-    transformer: models.PixCellTransformer2DModel  # with LoRA, unwrapped
+    modules: loop.TrainingModules
+    transformer: networks.PixCellTransformer2DModel  # with LoRA, unwrapped
     resolution: int
 
     @property
@@ -191,12 +198,12 @@ class Bench:
         return self.modules.vae
 
     @property
-    def uni(self) -> models.UNIEncoder:
+    def uni(self) -> networks.UNIEncoder:
         return self.modules.uni
 
 
 # The script's defaults (train_adapter_lora.py --max_grad_norm 1, no SNR weighting, no class head, no augmentation).
-STEP_CONFIG = training.StepConfig(max_grad_norm=1.0)
+STEP_CONFIG = loop.StepConfig(max_grad_norm=1.0)
 
 
 def setup(args: argparse.Namespace, preset: Preset) -> Bench:
@@ -206,28 +213,28 @@ def setup(args: argparse.Namespace, preset: Preset) -> Bench:
     stack = build_stack(preset, accelerator.device, weight_dtype(accelerator))
     transformer = stack.transformer
     torch.manual_seed(0)
-    model = training.build_adapted_model(
+    model = loop.build_adapted_model(
         transformer,
         LoRAConfig(rank=preset.lora_rank, alpha=preset.lora_rank),
         AdapterConfig(transformer.config.caption_channels, 1, preset.adapter_hidden_dim),
         gradient_checkpointing=args.gradient_checkpointing,
     )
-    trainable = training.trainable_parameters(model)
-    optimizer = training.make_optimizer(
-        trainable, use_8bit=False, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
-    )
+    trainable = loop.trainable_parameters(model)
+    optimizer = loop.make_optimizer(trainable, use_8bit=False, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     model, optimizer = accelerator.prepare(model, optimizer)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=100)
-    modules = training.TrainingModules(
+    modules = loop.TrainingModules(
         model,
         trainable,
         optimizer,
         lr_scheduler,
-        models.training_scheduler(stack.scheduler_config),
+        networks.training_scheduler(stack.scheduler_config),
         stack.vae,
         stack.uni,
     )
-    return Bench(accelerator, modules, transformer, transformer.config.sample_size * models.vae_scale_factor(stack.vae))
+    return Bench(
+        accelerator, modules, transformer, transformer.config.sample_size * networks.vae_scale_factor(stack.vae)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- steps
@@ -239,7 +246,7 @@ def package_step(bench: Bench, batch: dict) -> None:
 
     The losses are finite, so the optimiser always steps and every step does the same work.
     """
-    training.train_step(bench.accelerator, bench.modules, batch, STEP_CONFIG)
+    loop.train_step(bench.accelerator, bench.modules, batch, STEP_CONFIG)
 
 
 @contextlib.contextmanager
@@ -260,9 +267,9 @@ def rows(batch: dict) -> list[dict]:
 
 NOTEBOOK_UNI_TRANSFORM = transforms.Compose(
     [
-        transforms.Resize(models.UNI_IMAGE_SIZE),
+        transforms.Resize(networks.UNI_IMAGE_SIZE),
         transforms.ToTensor(),
-        transforms.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD),
+        transforms.Normalize(networks.IMAGENET_MEAN, networks.IMAGENET_STD),
     ]
 )
 
@@ -280,7 +287,7 @@ def notebook_step(bench: Bench, batch: dict) -> None:
                 with record_function("uni"):
                     row["uni_embedding"] = bench.uni.vit(pixels).float()
                 with record_function("vae"):
-                    mean, std = models.encode_latent_distribution(bench.vae, data.vae_input(tile.to(device)))
+                    mean, std = networks.encode_latent_distribution(bench.vae, data.vae_input(tile.to(device)))
             package_step(bench, {**row, "latent_mean": mean, "latent_std": std})
 
 
@@ -307,15 +314,18 @@ def make_batches(bench: Bench, batch_size: int) -> dict[str, dict]:
         }
         for i in range(batch_size)
     ]
-    spec = training.step_randomness_spec(
+    spec = loop.step_randomness_spec(
         bench.transformer, bench.vae, bench.modules.noise_scheduler, bench.resolution, seed=0, cond_dropout=0.1
     )
-    loader = training.training_dataloader(tiles, [0] * batch_size, spec, batch_size=batch_size)
+    loader = loop.training_dataloader(tiles, [0] * batch_size, spec, batch_size=batch_size)
     common = next(iter(loader))
     device = bench.accelerator.device
     pixels = {key: common.pop(key).to(device) for key in ("uni_pixels", "vae_pixels")}
     with torch.no_grad():
-        cached = {**common, **features.cache_entries(bench.vae, bench.uni, pixels["uni_pixels"], pixels["vae_pixels"])}
+        cached = {
+            **common,
+            **feature_cache.cache_entries(bench.vae, bench.uni, pixels["uni_pixels"], pixels["vae_pixels"]),
+        }
     return {
         "notebook": {**common, "tiles": pixels["vae_pixels"].cpu()},
         "on_the_fly": {**common, **pixels},

@@ -1,7 +1,7 @@
 """The evaluation on synthetic sets whose answers are known, in the mini stack's feature spaces (CPU, offline).
 
-Real tiles are the toy TARGET domain (`pixcell_ext.toy_histology`); the features are the committed mini UNI2-h and
-the judge (a classifier trained on TARGET, read as an independent encoder). Three stand-in "generators":
+Real tiles are the toy TARGET domain (`pixcell_ext.stacks.toy_histology`); the features are the committed mini UNI2-h
+and the judge (a classifier trained on TARGET, read as an independent encoder). Three stand-in "generators":
 
 - ``fresh``: new TARGET tiles from another seed (an ideal generator: same distribution, nothing copied);
 - ``copies``: the training tiles re-saved with slight pixel noise (a generator that memorised its training set);
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate_synthetic  # noqa: E402
 from pixcell_ext.data import read_rgb  # noqa: E402
 from pixcell_ext.files import write_folder_once  # noqa: E402
-from pixcell_ext.judge import timm_extractor_arguments  # noqa: E402
-from pixcell_ext.mini import MINI_ASSETS, PART_FOLDERS  # noqa: E402
-from pixcell_ext.toy_histology import write_toy_dataset  # noqa: E402
+from pixcell_ext.stacks.judge import timm_extractor_arguments  # noqa: E402
+from pixcell_ext.stacks.mini import MINI_ASSETS, PART_FOLDERS  # noqa: E402
+from pixcell_ext.stacks.toy_histology import write_toy_dataset  # noqa: E402
 
 
 def noisy_copy(source: Path, target: Path, sigma: float = 2.0) -> Path:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project needs checked on a GPU, in one run of under 8 minutes on one H100/H200:
 #   1. install what is missing (torch is kept if it imports; a wheel folder works offline),
-#   2. the real-shape random-weight stack (pixcell_ext.full_random, built on the GPU),
+#   2. the real-shape random-weight stack (pixcell_ext.stacks.full_random, built on the GPU),
 #   3. bench_train.py --preset full --find_max_batch: bf16 MFU of the cached step, largest micro-batch,
 #   4. generation at full shapes (bench_generate.py's full preset if it has one; else generate_synthetic.py, timed),
 #   5. 2 updates + a resume under the DDP, FSDP2 and DeepSpeed ZeRO-2 configs of accelerate_configs/ with
@@ -86,7 +86,7 @@ fi
 step install "$T_INSTALL" bash "${BASH_SOURCE[0]}" install
 
 # ---------------------------------------------------------------------------------------------------- 2. assets
-step write_assets "$T_ASSETS" "$PYTHON" -m pixcell_ext.full_random --output_dir "$ASSETS" --device cuda
+step write_assets "$T_ASSETS" "$PYTHON" -m pixcell_ext.stacks.full_random --output_dir "$ASSETS" --device cuda
 
 MODELS=(
     --pretrained_model_name_or_path "$ASSETS/pixcell-256" --vae_name_or_path "$ASSETS/sd35-vae"

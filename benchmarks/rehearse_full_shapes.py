@@ -3,7 +3,7 @@
     python benchmarks/rehearse_full_shapes.py              # real shapes (608 M + 681 M + 84 M parameters)
     python benchmarks/rehearse_full_shapes.py --reduced    # real widths, 2 blocks per model: a quick self-test
 
-The random-weight stack is written once (bf16, hub layouts) by `pixcell_ext.full_random` to --assets_dir. Then
+The random-weight stack is written once (bf16, hub layouts) by `pixcell_ext.stacks.full_random` to --assets_dir. Then
 each phase is a real `accelerate launch` of the real script (one CPU process, explicit launcher flags, so no
 accelerate config file of the machine can change it):
 
@@ -57,12 +57,13 @@ from torch.utils._pytree import tree_leaves
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pixcell_ext import models, training  # noqa: E402
-from pixcell_ext.adapter import AdapterConfig  # noqa: E402
 from pixcell_ext.benchmarking import cpu_name  # noqa: E402
-from pixcell_ext.conditioning import AdaptedPixCell  # noqa: E402
-from pixcell_ext.full_random import DEFAULT_DIR, write_full_random_stack  # noqa: E402
-from pixcell_ext.lora import LoRAConfig  # noqa: E402
+from pixcell_ext.model import networks  # noqa: E402
+from pixcell_ext.model.adapter import AdapterConfig  # noqa: E402
+from pixcell_ext.model.conditioning import AdaptedPixCell  # noqa: E402
+from pixcell_ext.model.lora import LoRAConfig  # noqa: E402
+from pixcell_ext.stacks.full_random import DEFAULT_DIR, write_full_random_stack  # noqa: E402
+from pixcell_ext.training import loop  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20
@@ -328,13 +329,13 @@ def training_step_bytes(model: AdaptedPixCell, batch: int, bf16: bool) -> int:
 
 
 @torch.no_grad()
-def encoder_step_bytes(uni: models.UNIEncoder, vae, batch: int, resolution: int) -> int:
+def encoder_step_bytes(uni: networks.UNIEncoder, vae, batch: int, resolution: int) -> int:
     """Peak bytes of new tensors while computing one batch's features on the fly (UNI2-h, then VAE encode)."""
     tiles = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8)
     tracker = LiveTensorBytes()
     with tracker:
         embedding = uni(tiles)
-        mean, std = models.encode_latent_distribution(vae, tiles.float() / 127.5 - 1)
+        mean, std = networks.encode_latent_distribution(vae, tiles.float() / 127.5 - 1)
         del embedding, mean, std
     return tracker.peak
 
@@ -360,9 +361,9 @@ def measure_memory(stack, cache_dir: Path) -> MemoryModel:
 
     step, encoder, frozen, trainable_params = {}, {}, {}, 0
     for precision, dtype in (("bf16", torch.bfloat16),):
-        uni = models.load_uni(str(stack.uni), dtype=dtype)
-        vae = models.load_vae(str(stack.vae), dtype=dtype)
-        resolution = models.vae_scale_factor(vae) * 32  # PixCell-256's 32x32 latent: 256 px tiles
+        uni = networks.load_uni(str(stack.uni), dtype=dtype)
+        vae = networks.load_vae(str(stack.vae), dtype=dtype)
+        resolution = networks.vae_scale_factor(vae) * 32  # PixCell-256's 32x32 latent: 256 px tiles
         frozen.update(
             uni=count_params(uni), vae_encoder=count_params(vae.encoder), vae_decoder=count_params(vae.decoder)
         )
@@ -370,13 +371,13 @@ def measure_memory(stack, cache_dir: Path) -> MemoryModel:
         encoder[precision] = tuple(encoder_step_bytes(uni, vae, b, resolution) for b in batches)
         del uni, vae
         gc.collect()
-        transformer = models.load_transformer(str(stack.pixcell), dtype=dtype)
+        transformer = networks.load_transformer(str(stack.pixcell), dtype=dtype)
         frozen["transformer"] = count_params(transformer)
         torch.manual_seed(0)
-        model = training.build_adapted_model(  # the training script's defaults: rank 16, one token, width 1024
+        model = loop.build_adapted_model(  # the training script's defaults: rank 16, one token, width 1024
             transformer, LoRAConfig(rank=16, alpha=16), AdapterConfig(transformer.config.caption_channels, 1, 1024)
         ).train()
-        trainable_params = sum(p.numel() for p in training.trainable_parameters(model))
+        trainable_params = sum(p.numel() for p in loop.trainable_parameters(model))
         for checkpointing in (False, True):
             if checkpointing:
                 transformer.enable_gradient_checkpointing()
@@ -477,7 +478,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"  assets {assets}, outputs {out}")
     start = time.perf_counter()
 
-    writer = [sys.executable, "-m", "pixcell_ext.full_random", "--output_dir", str(assets)]
+    writer = [sys.executable, "-m", "pixcell_ext.stacks.full_random", "--output_dir", str(assets)]
     writer += ["--reduced"] if args.reduced else []
     print(f"\n  {'phase':<17}{'wall':>10}{'CPU':>11}{'peak RSS':>13}   (CPU: user + system of the process tree)")
     results = [run_phase("write_assets", writer, log_dir)]

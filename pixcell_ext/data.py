@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
-from pixcell_ext.models import UNI_IMAGE_SIZE
+from pixcell_ext.errors import ExplainedError
 from pixcell_ext.seeding import derived_seed
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)  # what 
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(ValueError, ExplainedError):
     """Bad input data; the message names the file or folder and what to do."""
 
 
@@ -353,6 +353,7 @@ def center_square(image: Image.Image) -> Image.Image:
 
 # The authors extracted UNI2-h features with torchvision's `Resize(224)` on PIL images: antialiased bilinear.
 # `UNIEncoder.preprocess` resizes other input sizes the same way on the device.
+UNI_IMAGE_SIZE = 224  # UNI2-h's input size: the ViT's patch grid is fixed at 224 px
 UNI_RESAMPLE = Image.BILINEAR
 
 

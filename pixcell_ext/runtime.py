@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from accelerate import Accelerator
+
+from pixcell_ext.errors import ExplainedError
 
 
 def check_process_group(accelerator: Accelerator) -> None:
@@ -59,15 +62,7 @@ def apply_gradient_clipping_to_deepspeed(accelerator: Accelerator, max_grad_norm
 
 def run_main(main, args) -> None:
     """Run a script's `main`; errors whose message already says what to do are printed without a traceback."""
-    import sys
-
-    from pixcell_ext.artifacts import RunDirectoryError
-    from pixcell_ext.data import DataError
-    from pixcell_ext.generation import GenerationConfigError
-    from pixcell_ext.lora_files import LoRAMismatchError
-    from pixcell_ext.models import GatedModelError
-
     try:
         main(args)
-    except (DataError, GatedModelError, LoRAMismatchError, GenerationConfigError, RunDirectoryError) as error:
+    except ExplainedError as error:
         sys.exit(f"error: {error}")

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from pixcell_ext.tiny import write_tiny_stack  # noqa: E402
+from pixcell_ext.stacks.tiny import write_tiny_stack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,9 +36,9 @@ def adapted_model(transformer, tokens: int = 1, targets: tuple[str, ...] | None 
     parameter gets a real gradient. Its imports are local so that tests which never build a model skip diffusers."""
     import torch
 
-    from pixcell_ext.adapter import AdapterConfig, UNIAdapter
-    from pixcell_ext.conditioning import AdaptedPixCell
-    from pixcell_ext.lora import LoRAConfig, inject_lora
+    from pixcell_ext.model.adapter import AdapterConfig, UNIAdapter
+    from pixcell_ext.model.conditioning import AdaptedPixCell
+    from pixcell_ext.model.lora import LoRAConfig, inject_lora
 
     inject_lora(transformer, LoRAConfig(rank=4) if targets is None else LoRAConfig(rank=4, target_modules=targets))
     adapter = UNIAdapter(AdapterConfig(embed_dim=transformer.config.caption_channels, num_tokens=tokens, hidden_dim=32))

@@ -8,13 +8,14 @@ from safetensors.torch import save_file
 from test_generate import cli, generate
 from test_train import logged_losses, run_training, trained_weights
 
-from pixcell_ext import NCT_CLASSES, manifest
-from pixcell_ext.adapter import ADAPTER_FILE, AdapterConfig, UNIAdapter, load_adapter
-from pixcell_ext.artifacts import save_trained
-from pixcell_ext.conditioning import AdaptedPixCell
-from pixcell_ext.lora import LoRAConfig, block_rank_pattern, inject_lora, lora_layers
-from pixcell_ext.models import load_transformer
-from pixcell_ext.training import build_adapted_model
+from pixcell_ext import NCT_CLASSES
+from pixcell_ext.generation import manifest
+from pixcell_ext.model.adapter import ADAPTER_FILE, AdapterConfig, UNIAdapter, load_adapter
+from pixcell_ext.model.conditioning import AdaptedPixCell
+from pixcell_ext.model.lora import LoRAConfig, block_rank_pattern, inject_lora, lora_layers
+from pixcell_ext.model.networks import load_transformer
+from pixcell_ext.training.loop import build_adapted_model
+from pixcell_ext.training.run_directory import save_trained
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pixcell_ext.data import (
     read_rgb,
     scan_image_folder,
 )
-from pixcell_ext.tiny import write_tiny_dataset
+from pixcell_ext.stacks.tiny import write_tiny_dataset
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_hub_free_folder_copy_keeps_working(folder, tmp_path):
 
 
 def test_step_randomness_is_a_function_of_seed_epoch_and_index():
-    from pixcell_ext.diffusion import RandomnessSpec, WithStepRandomness
+    from pixcell_ext.model.diffusion import RandomnessSpec, WithStepRandomness
 
     spec = RandomnessSpec(seed=0, latent_shape=(4, 2, 2), num_train_timesteps=1000, cond_dropout=0.5)
     dataset = WithStepRandomness([{"index": i} for i in range(5)], spec)

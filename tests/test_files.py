@@ -11,8 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from pixcell_ext import files
-from pixcell_ext.adapter import AdapterConfig, UNIAdapter, load_adapter, save_adapter
-from pixcell_ext.features import ShardStore
 from pixcell_ext.files import (
     remove_stale_temporaries,
     replace_folder,
@@ -21,6 +19,8 @@ from pixcell_ext.files import (
     write_json_atomically,
     write_text_atomically,
 )
+from pixcell_ext.model.adapter import AdapterConfig, UNIAdapter, load_adapter, save_adapter
+from pixcell_ext.training.feature_cache import ShardStore
 
 
 class Killed(Exception):
@@ -133,7 +133,7 @@ def test_only_temporaries_of_writers_that_no_longer_run_are_swept(tmp_path):
 
 
 def test_buffered_rows_are_written_a_shard_at_a_time_and_read_back_in_order(tmp_path):
-    from pixcell_ext.features import ShardBuffer
+    from pixcell_ext.training.feature_cache import ShardBuffer
 
     store = ShardStore(tmp_path)
     shards = ShardBuffer(store, rows=4)
@@ -152,7 +152,7 @@ def test_no_module_renames_files_by_hand():
     """The one atomic writer: a hand-written temp-and-rename elsewhere would skip the flush or the clean-up."""
     from conftest import REPO
 
-    sources = [*(REPO / "pixcell_ext").glob("*.py"), *REPO.glob("*.py"), *(REPO / "benchmarks").glob("*.py")]
+    sources = [*(REPO / "pixcell_ext").rglob("*.py"), *REPO.glob("*.py"), *(REPO / "benchmarks").glob("*.py")]
     offenders = [
         f"{path.relative_to(REPO)}:{number}"
         for path in sources

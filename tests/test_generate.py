@@ -24,13 +24,16 @@ import torch
 from PIL import Image
 
 from conftest import REPO, launch_command
-from pixcell_ext import NCT_CLASSES, artifacts, generation, manifest, models
-from pixcell_ext.adapter import AdapterConfig, UNIAdapter, save_adapter
-from pixcell_ext.conditioning import AdaptedPixCell
+from pixcell_ext import NCT_CLASSES
 from pixcell_ext.data import DataError
-from pixcell_ext.lora import LoRAConfig, inject_lora, lora_layers, merge_lora
-from pixcell_ext.lora_files import DamagedFileError, LoRAMismatchError
+from pixcell_ext.generation import manifest, pipeline, run_config, work_list
+from pixcell_ext.model import networks
+from pixcell_ext.model.adapter import AdapterConfig, UNIAdapter, save_adapter
+from pixcell_ext.model.conditioning import AdaptedPixCell
+from pixcell_ext.model.lora import LoRAConfig, inject_lora, lora_layers, merge_lora
+from pixcell_ext.model.lora_files import DamagedFileError, LoRAMismatchError
 from pixcell_ext.runtime import run_main
+from pixcell_ext.training import run_directory
 
 sys.path.insert(0, str(REPO))
 import generate_synthetic  # noqa: E402
@@ -44,7 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_run_dir(transformer_path: Path, directory: Path, seed: int = 0) -> Path:
     """A training output with a LoRA and an adapter that both change the images."""
-    transformer = models.load_transformer(str(transformer_path))
+    transformer = networks.load_transformer(str(transformer_path))
     model = AdaptedPixCell(
         transformer, UNIAdapter(AdapterConfig(embed_dim=transformer.config.caption_channels, hidden_dim=64))
     )
@@ -55,7 +58,7 @@ def make_run_dir(transformer_path: Path, directory: Path, seed: int = 0) -> Path
         for name, parameter in model.named_parameters():
             if "lora_B" in name or "adapter.fc2" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    artifacts.save_trained(directory, model, lora_config)
+    run_directory.save_trained(directory, model, lora_config)
     return directory
 
 
@@ -114,7 +117,7 @@ def test_tiny_preset_writes_class_folders_and_a_complete_manifest(reference, run
     assert all(r["file"] == f"{r['class']}/gen_{int(r['index']):04d}.png" for r in rows)
     assert all(r["conditioning"] == "reference" and r["reference"].startswith(r["class"] + "/") for r in rows)
     assert len({r["seed"] for r in rows}) == len(rows)
-    assert {r["lora_sha256"] for r in rows} == {generation.lora_sha256(str(run_dir))}
+    assert {r["lora_sha256"] for r in rows} == {run_config.lora_sha256(str(run_dir))}
     assert {(r["guidance_scale"], r["num_inference_steps"], r["scheduler"]) for r in rows} == {("2.0", STEPS, "dpm")}
     assert not leftovers(reference)
     config = json.loads((reference / manifest.GENERATION_CONFIG_FILE).read_text())
@@ -198,28 +201,28 @@ def test_missing_class_folder_falls_back_to_unconditional(tiny_stack, run_dir, t
 
 
 def test_merged_lora_generates_what_the_unmerged_lora_generates(tiny_stack, run_dir):
-    stack = models.load_pixcell_stack(str(tiny_stack.pixcell), str(tiny_stack.vae), str(tiny_stack.uni))
-    model = artifacts.load_trained(run_dir, stack.transformer)
-    files = generation.class_files(tiny_stack.data, ["TUM", "LYM"])
+    stack = networks.load_pixcell_stack(str(tiny_stack.pixcell), str(tiny_stack.vae), str(tiny_stack.uni))
+    model = run_directory.load_trained(run_dir, stack.transformer)
+    files = work_list.class_files(tiny_stack.data, ["TUM", "LYM"])
     references = {
-        n: generation.choose_references(f, 2, seed=0, class_name=n, skip_bad_images=False) for n, f in files.items()
+        n: work_list.choose_references(f, 2, seed=0, class_name=n, skip_bad_images=False) for n, f in files.items()
     }
-    items = generation.work_items(references, {"TUM": 2, "LYM": 2}, seed=0)
-    settings = generation.SamplingSettings(2.0, 3, "dpm", 4)
-    unmerged = generation.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, items, settings)
+    items = work_list.work_items(references, {"TUM": 2, "LYM": 2}, seed=0)
+    settings = pipeline.SamplingSettings(2.0, 3, "dpm", 4)
+    unmerged = pipeline.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, items, settings)
     merge_lora(stack.transformer)
-    merged = generation.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, items, settings)
+    merged = pipeline.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, items, settings)
     difference = np.abs(unmerged.astype(int) - merged.astype(int))
     assert difference.max() <= 1 and (difference == 0).mean() >= 0.999
-    base = models.load_pixcell_stack(str(tiny_stack.pixcell), str(tiny_stack.vae), str(tiny_stack.uni))
-    plain = generation.load_generation_model(base.transformer, None, "base")
-    without = generation.generate_batch(plain, base.uni, base.vae, base.scheduler_config, items, settings)
+    base = networks.load_pixcell_stack(str(tiny_stack.pixcell), str(tiny_stack.vae), str(tiny_stack.uni))
+    plain = pipeline.load_generation_model(base.transformer, None, "base")
+    without = pipeline.generate_batch(plain, base.uni, base.vae, base.scheduler_config, items, settings)
     assert np.abs(without.astype(int) - merged.astype(int)).mean() > 1, "the LoRA/adapter must matter for this test"
 
 
 def test_bf16_generation_keeps_a_small_lora_update_and_fp32_merges_it(tiny_stack, tmp_path):
     # PixCell-like magnitudes: a LoRA update of 0.35 % of the weights' RMS, mostly below one bf16 ulp of them.
-    transformer = models.load_transformer(str(tiny_stack.pixcell))
+    transformer = networks.load_transformer(str(tiny_stack.pixcell))
     model = AdaptedPixCell(transformer, UNIAdapter(AdapterConfig(embed_dim=transformer.config.caption_channels)))
     inject_lora(transformer, LoRAConfig(rank=4))
     generator = torch.Generator().manual_seed(0)
@@ -229,12 +232,12 @@ def test_bf16_generation_keeps_a_small_lora_update_and_fp32_merges_it(tiny_stack
             rms = layer.base_layer.weight.square().mean().sqrt()
             layer.lora_B.weight.mul_(0.0035 * rms / layer.delta_weight().square().mean().sqrt())
     run = tmp_path / "run"
-    artifacts.save_trained(run, model, LoRAConfig(rank=4))
+    run_directory.save_trained(run, model, LoRAConfig(rank=4))
     name = "transformer_blocks.1.attn1.to_v"
     delta = lora_layers(transformer)[name].delta_weight()
 
-    half = models.load_transformer(str(tiny_stack.pixcell), dtype=torch.bfloat16)
-    generation.load_generation_model(half, str(run), "tiny")
+    half = networks.load_transformer(str(tiny_stack.pixcell), dtype=torch.bfloat16)
+    pipeline.load_generation_model(half, str(run), "tiny")
     layer = lora_layers(half)[name]
     assert not any(layer.merged for layer in lora_layers(half).values())
     x = torch.randn(4096, layer.base_layer.in_features, generator=generator).bfloat16()
@@ -242,9 +245,9 @@ def test_bf16_generation_keeps_a_small_lora_update_and_fp32_merges_it(tiny_stack
         applied = torch.linalg.lstsq(x.float(), (layer(x) - layer.base_layer(x)).float()).solution.T
     assert (applied - delta).norm() / delta.norm() < 0.2
 
-    full = models.load_transformer(str(tiny_stack.pixcell))
+    full = networks.load_transformer(str(tiny_stack.pixcell))
     base_weight = full.get_submodule(name).weight.clone()
-    generation.load_generation_model(full, str(run), "tiny")
+    pipeline.load_generation_model(full, str(run), "tiny")
     assert all(layer.merged for layer in lora_layers(full).values())
     torch.testing.assert_close(lora_layers(full)[name].base_layer.weight, base_weight + delta, atol=1e-7, rtol=0)
 
@@ -266,10 +269,10 @@ def test_other_configuration_is_refused_and_overwrite_regenerates(tiny_stack, ru
     output_dir = tmp_path / "other"
     shutil.copytree(reference, output_dir)
     (output_dir / manifest.DATASET_CARD_FILE).write_text("metrics of the images about to be replaced")
-    with pytest.raises(generation.GenerationConfigError, match=r"(?s)seed: 0 -> 1.*guidance_scale.*--overwrite"):
+    with pytest.raises(run_config.GenerationConfigError, match=r"(?s)seed: 0 -> 1.*guidance_scale.*--overwrite"):
         generate(*cli(tiny_stack, run_dir, output_dir, "--seed", "1", "--guidance_scale", "3"))
     other_run = make_run_dir(tiny_stack.pixcell, tmp_path / "other-run", seed=1)
-    with pytest.raises(generation.GenerationConfigError, match="lora_sha256"):
+    with pytest.raises(run_config.GenerationConfigError, match="lora_sha256"):
         generate(*cli(tiny_stack, run_dir, output_dir), "--lora_dir", str(other_run))  # the last --lora_dir wins
     assert png_bytes(output_dir) == png_bytes(reference)  # refused before touching anything
 
@@ -287,7 +290,7 @@ def test_images_without_a_config_are_refused_and_a_config_without_images_binds_n
     output_dir = tmp_path / "notebook"
     (output_dir / "ADI").mkdir(parents=True)
     shutil.copy(reference / "ADI" / "gen_0000.png", output_dir / "ADI" / "gen_0000.png")
-    with pytest.raises(generation.GenerationConfigError, match="no generation_config.json"):
+    with pytest.raises(run_config.GenerationConfigError, match="no generation_config.json"):
         generate(*cli(tiny_stack, run_dir, output_dir))
     stopped = tmp_path / "stopped-before-the-first-image"
     stopped.mkdir()
@@ -303,25 +306,25 @@ def test_unreadable_reference_tiles_fail_clearly_or_are_skipped(tiny_stack, tmp_
     bad.write_bytes(b"II*\x00 not a tiff")
     files = sorted(folder.iterdir())
     with pytest.raises(DataError, match="ADI-broken.tif.*--skip_bad_images"):
-        generation.choose_references(files, len(files), seed=0, class_name="ADI", skip_bad_images=False)
-    chosen = generation.choose_references(files, len(files), seed=0, class_name="ADI", skip_bad_images=True)
+        work_list.choose_references(files, len(files), seed=0, class_name="ADI", skip_bad_images=False)
+    chosen = work_list.choose_references(files, len(files), seed=0, class_name="ADI", skip_bad_images=True)
     assert bad not in chosen and sorted(chosen) == [f for f in files if f != bad]
 
 
 def test_lora_dir_of_another_model_is_refused(tiny_stack, run_dir, tmp_path):
-    other = models.PixCellTransformer2DModel(
+    other = networks.PixCellTransformer2DModel(
         num_attention_heads=2, attention_head_dim=16, num_layers=2, cross_attention_dim=32, sample_size=8,
         caption_channels=32, interpolation_scale=0.5,
     )  # fmt: skip
     other.save_pretrained(tmp_path / "other" / "transformer")
     run = make_run_dir(tmp_path / "other", tmp_path / "run")
     with pytest.raises(LoRAMismatchError, match=r"(?s)does not fit the model.*missing keys \(24\)"):
-        generation.load_generation_model(models.load_transformer(str(tiny_stack.pixcell)), str(run), "tiny")
+        pipeline.load_generation_model(networks.load_transformer(str(tiny_stack.pixcell)), str(run), "tiny")
     wide = tmp_path / "wide-adapter"
     shutil.copytree(run_dir, wide)
     save_adapter(UNIAdapter(AdapterConfig(embed_dim=48, hidden_dim=8)), wide / "adapter.safetensors")
     with pytest.raises(LoRAMismatchError, match="48-d UNI embeddings but the transformer expects 32"):
-        generation.load_generation_model(models.load_transformer(str(tiny_stack.pixcell)), str(wide), "tiny")
+        pipeline.load_generation_model(networks.load_transformer(str(tiny_stack.pixcell)), str(wide), "tiny")
 
 
 def user_error(*argv: str) -> str:
@@ -343,7 +346,7 @@ def test_missing_lora_dir_is_a_sentence_naming_the_flag(tiny_stack, tmp_path):
     assert f"--lora_dir '{weights_file}' is a file, not a folder" in message
 
 
-@pytest.mark.parametrize("name", [artifacts.LORA_FILE, "adapter.safetensors"])
+@pytest.mark.parametrize("name", [run_directory.LORA_FILE, "adapter.safetensors"])
 def test_truncated_weights_file_is_named_as_damaged_not_as_another_model(tiny_stack, run_dir, tmp_path, name):
     damaged_run = tmp_path / "run"
     shutil.copytree(run_dir, damaged_run)
@@ -354,18 +357,18 @@ def test_truncated_weights_file_is_named_as_damaged_not_as_another_model(tiny_st
     assert "copy it again" in message and "--pretrained_model_name_or_path" not in message
     # The library path (no early check) says the same, not "pass the model the run was trained on".
     with pytest.raises(DamagedFileError) as error:
-        generation.load_generation_model(models.load_transformer(str(tiny_stack.pixcell)), str(damaged_run), "tiny")
+        pipeline.load_generation_model(networks.load_transformer(str(tiny_stack.pixcell)), str(damaged_run), "tiny")
     assert name in str(error.value) and "--pretrained_model_name_or_path" not in str(error.value)
 
 
 def test_work_list_reuses_references_cyclically_and_lists_unfinished_images(tmp_path):
     references = {"A": [Path("a0"), Path("a1")], "B": []}
-    items = generation.work_items(references, {"A": 5, "B": 2}, seed=0)
+    items = work_list.work_items(references, {"A": 5, "B": 2}, seed=0)
     assert [i.reference for i in items[:5]] == [Path(p) for p in ("a0", "a1", "a0", "a1", "a0")]
     assert [i.reference for i in items[5:]] == [None, None]
     assert len({i.seed for i in items}) == len(items)
     (tmp_path / "A").mkdir()
     (tmp_path / "A" / "gen_0003.png").touch()
-    assert [(i.class_name, i.index) for i in generation.unfinished(items, tmp_path)] == [
+    assert [(i.class_name, i.index) for i in work_list.unfinished(items, tmp_path)] == [
         ("A", 0), ("A", 1), ("A", 2), ("A", 4), ("B", 0), ("B", 1)
     ]  # fmt: skip

@@ -65,10 +65,10 @@ def test_benchmarks_run_at_full_shapes_in_bf16(steps, monkeypatch):
     args = bench_train.parse_args()
     assert (args.preset, args.mixed_precision, args.find_max_batch) == ("full", "bf16", True)
 
-    from pixcell_ext import full_random
+    from pixcell_ext.stacks import full_random
 
     writer = full_random.parse_args(
-        by_name["write_assets"][by_name["write_assets"].index("pixcell_ext.full_random") + 1 :]
+        by_name["write_assets"][by_name["write_assets"].index("pixcell_ext.stacks.full_random") + 1 :]
     )
     assert not writer.reduced and writer.device == "cuda"
 

@@ -55,6 +55,16 @@ def test_makefile_readme_and_tests_launch_the_same_way(checkout):
     assert tested[3:-1] == flags[2:]  # `python -m accelerate.commands.launch` is `accelerate launch`
 
 
+@needs_make
+def test_make_test_checks_the_import_layers_before_the_tests(checkout):
+    (checkout / ".venv").mkdir()
+    (checkout / ".venv" / ".setup-done").touch()
+    assert dry_run(checkout, "test").strip().splitlines() == [
+        ".venv/bin/lint-imports --no-cache",
+        ".venv/bin/python -m pytest -q",
+    ]
+
+
 def test_the_documented_launch_flags_leave_accelerate_nothing_to_guess(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("print('probe ran')\n")

@@ -4,8 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixcell_ext.data import UNI_RESAMPLE, load_tile, model_inputs, read_rgb, scan_image_folder
-from pixcell_ext.models import UNI_IMAGE_SIZE
+from pixcell_ext.data import UNI_IMAGE_SIZE, UNI_RESAMPLE, load_tile, model_inputs, read_rgb, scan_image_folder
 
 
 def test_every_reader_gives_the_same_centre_square_resized_once(tmp_path):

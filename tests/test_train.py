@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO, launch_command
-from pixcell_ext import features
 from pixcell_ext.data import DataError, scan_image_folder
-from pixcell_ext.tiny import write_tiny_dataset
+from pixcell_ext.stacks.tiny import write_tiny_dataset
+from pixcell_ext.training import feature_cache
 
 
 def train_args(stack, output_dir: Path, *extra: str) -> list[str]:
@@ -271,34 +271,34 @@ def test_changing_one_image_invalidates_exactly_its_cache_entry(tiny_stack, tmp_
     loads = []
 
     def load_encoders():
-        from pixcell_ext.models import load_uni, load_vae
+        from pixcell_ext.model.networks import load_uni, load_vae
 
         loads.append(1)
         return load_vae(str(tiny_stack.vae)), load_uni(str(tiny_stack.uni))
 
     def build(index, cache):
-        return features.build_feature_cache(
+        return feature_cache.build_feature_cache(
             accelerator, index, cache, vae_identity="vae", uni_identity="uni", resolution=64,
             load_encoders=load_encoders, batch_size=8,
         )  # fmt: skip
 
-    cache = features.FeatureCache(tmp_path / "cache")
+    cache = feature_cache.FeatureCache(tmp_path / "cache")
     first = build(scan_image_folder(data), cache)
     assert len(cache.rows) == len(first) == 36 and len(loads) == 1
-    assert build(scan_image_folder(data), features.FeatureCache(tmp_path / "cache")) == first
+    assert build(scan_image_folder(data), feature_cache.FeatureCache(tmp_path / "cache")) == first
     assert len(loads) == 1  # nothing missing, encoders never loaded
 
     edited = sorted((data / "STR").iterdir())[1]
     Image.open(edited).convert("RGB").rotate(90).save(edited)
-    cache = features.FeatureCache(tmp_path / "cache")
+    cache = feature_cache.FeatureCache(tmp_path / "cache")
     second = build(scan_image_folder(data), cache)
     assert [i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b] == [
         [r.path for r in scan_image_folder(data).records].index(edited)
     ]
     assert len(cache.rows) == 37 and len(loads) == 2
-    key = features.entry_keys(["same-bytes"], "vae", "uni", 64, torch.float32)
-    assert features.entry_keys(["same-bytes"], "vae", "another-uni", 64, torch.float32) != key
-    assert features.entry_keys(["same-bytes"], "vae", "uni", 64, torch.bfloat16) != key  # bf16 features not reused
+    key = feature_cache.entry_keys(["same-bytes"], "vae", "uni", 64, torch.float32)
+    assert feature_cache.entry_keys(["same-bytes"], "vae", "another-uni", 64, torch.float32) != key
+    assert feature_cache.entry_keys(["same-bytes"], "vae", "uni", 64, torch.bfloat16) != key  # bf16 features not reused
 
 
 def test_features_encoded_in_bf16_are_not_reused_by_an_fp32_run(tiny_stack, tmp_path):
@@ -308,13 +308,13 @@ def test_features_encoded_in_bf16_are_not_reused_by_an_fp32_run(tiny_stack, tmp_
 
     def build(dtype):
         def load_encoders():
-            from pixcell_ext.models import load_uni, load_vae
+            from pixcell_ext.model.networks import load_uni, load_vae
 
             loaded.append(dtype)
             return load_vae(str(tiny_stack.vae), dtype=dtype), load_uni(str(tiny_stack.uni), dtype=dtype)
 
-        return features.build_feature_cache(
-            accelerator, index, features.FeatureCache(tmp_path / "cache"), vae_identity="vae", uni_identity="uni",
+        return feature_cache.build_feature_cache(
+            accelerator, index, feature_cache.FeatureCache(tmp_path / "cache"), vae_identity="vae", uni_identity="uni",
             resolution=64, load_encoders=load_encoders, batch_size=12, dtype=dtype,
         )  # fmt: skip
 
