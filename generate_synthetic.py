@@ -2,7 +2,8 @@
 
 Each generated tile is conditioned on the UNI2-h embedding of a real reference tile of its class (a class without
 reference tiles falls back to the adapted unconditional embedding). Output: OUT/<CLASS>/gen_0000.png ...,
-OUT/manifest.csv, OUT/generation_config.json and a hidden contact sheet per class, OUT/.contact_sheet_<CLASS>.png.
+OUT/manifest.csv, the same rows as OUT/metadata.jsonl (what `datasets`' imagefolder reads), OUT/generation_config.json
+and a hidden contact sheet per class, OUT/.contact_sheet_<CLASS>.png.
 Images are byte-identical for any number of processes and resume points (on CPUs: at equal threads per
 process); a rerun completes an interrupted run, --overwrite starts afresh.
 

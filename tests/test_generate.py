@@ -87,6 +87,21 @@ def png_bytes(output_dir: Path) -> dict[str, bytes]:
     return {p.relative_to(output_dir).as_posix(): p.read_bytes() for p in sorted(output_dir.glob("*/*.png"))}
 
 
+def assert_imagefolder_matches_manifest(output_dir: Path, cache_dir: Path) -> None:
+    """`datasets` loads the set with every manifest column per image (none for the hidden contact sheets)."""
+    import datasets
+
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(output_dir), split="train", cache_dir=str(cache_dir))
+    rows = manifest.read_manifest(output_dir)
+    assert loaded.num_rows == len(rows) == len(png_bytes(output_dir))
+    assert "label" not in loaded.column_names  # with metadata, imagefolder infers no label: the class is "class"
+    by_file = {Path(record["image"].filename).relative_to(output_dir).as_posix(): record for record in loaded}
+    for row in rows:
+        record = by_file[row["file"]]
+        assert {key: str(record[key]) for key in row if key != "file"} == {k: v for k, v in row.items() if k != "file"}
+        assert record["image"].size == Image.open(output_dir / row["file"]).size
+
+
 def leftovers(output_dir: Path) -> list[Path]:
     return [p for p in output_dir.rglob("*") if ".tmp" in p.name]
 
@@ -105,7 +120,7 @@ def batch_one(tiny_stack, run_dir, tmp_path_factory) -> Path:
     return output_dir
 
 
-def test_tiny_preset_writes_class_folders_and_a_complete_manifest(reference, run_dir):
+def test_tiny_preset_writes_class_folders_and_a_complete_manifest(reference, run_dir, tmp_path):
     for name in NCT_CLASSES:
         assert sorted(p.name for p in (reference / name).iterdir()) == [f"gen_{i:04d}.png" for i in range(N)]
         image = Image.open(reference / name / "gen_0000.png")
@@ -122,6 +137,7 @@ def test_tiny_preset_writes_class_folders_and_a_complete_manifest(reference, run
     assert not leftovers(reference)
     config = json.loads((reference / manifest.GENERATION_CONFIG_FILE).read_text())
     assert config["images_per_class"] == dict.fromkeys(NCT_CLASSES, N) and config["resolution"] == 64
+    assert_imagefolder_matches_manifest(reference, tmp_path / "cache")
 
 
 def test_two_processes_write_the_bytes_of_one_process(tiny_stack, run_dir, reference, tmp_path):
@@ -132,6 +148,7 @@ def test_two_processes_write_the_bytes_of_one_process(tiny_stack, run_dir, refer
     assert "process 2/2 makes" in result.stderr  # two processes really shared the work
     assert png_bytes(output_dir) == png_bytes(reference)
     assert (output_dir / "manifest.csv").read_bytes() == (reference / "manifest.csv").read_bytes()
+    assert (output_dir / "metadata.jsonl").read_bytes() == (reference / "metadata.jsonl").read_bytes()
 
 
 def test_ddpm_two_processes_write_the_bytes_of_one_process(tiny_stack, run_dir, reference, tmp_path):
@@ -181,6 +198,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_stack, run_dir, bat
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items()), "finished images were redone"
     assert not leftovers(output_dir)
     assert len(manifest.read_manifest(output_dir)) == len(NCT_CLASSES) * N
+    assert_imagefolder_matches_manifest(output_dir, tmp_path / "cache")
 
 
 def test_missing_class_folder_falls_back_to_unconditional(tiny_stack, run_dir, tmp_path, caplog):
@@ -263,6 +281,7 @@ def test_rerun_skips_and_keeps_the_manifest_and_more_images_extend_it(tiny_stack
     rows = manifest.read_manifest(output_dir)
     assert len(rows) == len(NCT_CLASSES) * N + 1 and rows[-1]["file"] == f"TUM/gen_{N:04d}.png"
     assert png_bytes(output_dir).keys() - png_bytes(reference).keys() == {f"TUM/gen_{N:04d}.png"}
+    assert_imagefolder_matches_manifest(output_dir, tmp_path / "cache")
 
 
 def test_other_configuration_is_refused_and_overwrite_regenerates(tiny_stack, run_dir, reference, tmp_path):

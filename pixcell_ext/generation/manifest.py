@@ -8,6 +8,10 @@ the tiny preset's stand-in set and the tests all agree with what `generate_synth
 ``file`` is relative to the synthetic folder, ``reference`` relative to the generation run's
 ``--reference_data_dir`` (recorded in ``generation_config.json`` beside the manifest), or ``none`` when the image
 was generated without a reference tile.
+
+The same rows are written as ``metadata.jsonl``, the layout `datasets`' imagefolder reads (``file`` renamed
+``file_name``), so ``load_dataset("imagefolder", data_dir=OUT)`` keeps every image's provenance. With a metadata file
+imagefolder infers no ``label`` from the class folders: the class is the metadata's ``class`` column.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
     from pixcell_ext.generation.work_list import WorkItem
 
 MANIFEST_FILE = "manifest.csv"
+METADATA_FILE = "metadata.jsonl"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # Written next to a synthetic set by its evaluation; a regenerated set must lose it with the images it describes.
 DATASET_CARD_FILE = "DATASET_CARD.md"
@@ -83,13 +88,19 @@ def manifest_rows(output_dir: Path, items: list[WorkItem], config: dict) -> list
 
 
 def write_manifest(output_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``manifest.csv`` atomically (columns missing from a row stay empty) and clear killed writers' temps."""
+    """Write ``manifest.csv`` and ``metadata.jsonl`` atomically (columns missing from a row stay empty) and clear
+    killed writers' temporaries. One writer for both keeps them equal after every run, resumed or not."""
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    remove_stale_temporaries(output_dir, MANIFEST_FILE)
-    write_text_atomically(Path(output_dir) / MANIFEST_FILE, buffer.getvalue())
+    metadata = "".join(
+        json.dumps({"file_name" if key == "file" else key: row.get(key, "") for key in MANIFEST_COLUMNS}) + "\n"
+        for row in rows
+    )
+    for name, text in ((METADATA_FILE, metadata), (MANIFEST_FILE, buffer.getvalue())):
+        remove_stale_temporaries(output_dir, name)
+        write_text_atomically(Path(output_dir) / name, text)
 
 
 def read_manifest(output_dir: Path) -> list[dict]:

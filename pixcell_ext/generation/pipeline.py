@@ -4,6 +4,7 @@ Layout of an output directory (the original notebook's, plus bookkeeping that cl
 
     OUT/<CLASS>/gen_0000.png ...     one image per (class, index)
     OUT/manifest.csv                 one row per image, sorted by (class, index)
+    OUT/metadata.jsonl               the same rows for `datasets`' imagefolder (provenance columns per image)
     OUT/generation_config.json       what the images were made with (checked on every rerun)
     OUT/.contact_sheet_<CLASS>.png   references above, synthetic tiles below
 

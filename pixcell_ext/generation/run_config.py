@@ -16,7 +16,7 @@ import torch
 from pixcell_ext.data import file_digest
 from pixcell_ext.errors import ExplainedError
 from pixcell_ext.files import write_json_atomically
-from pixcell_ext.generation.manifest import DATASET_CARD_FILE, GENERATION_CONFIG_FILE, MANIFEST_FILE
+from pixcell_ext.generation.manifest import DATASET_CARD_FILE, GENERATION_CONFIG_FILE, MANIFEST_FILE, METADATA_FILE
 from pixcell_ext.generation.work_list import reference_identity
 from pixcell_ext.model.adapter import ADAPTER_FILE, read_adapter_config
 from pixcell_ext.training.feature_cache import model_identity
@@ -54,6 +54,7 @@ def clear_generated(output_dir: Path) -> None:
         "*/gen_*.png",
         "*/.gen_*.tmp",
         MANIFEST_FILE,
+        METADATA_FILE,
         GENERATION_CONFIG_FILE,
         DATASET_CARD_FILE,
         ".contact_sheet_*.png",
