@@ -22,14 +22,24 @@ STAMP = $(VENV)/.setup-done
 # CI=true (no terminal, logs kept): no progress bars and no questions from pip.
 PIP_INSTALL = $(strip $(VENV)/bin/python -m pip install $(if $(filter true,$(CI)),--no-input --progress-bar off))
 
-.PHONY: demo test setup
+.PHONY: demo test setup browser
 
 demo: $(STAMP)
 	$(LAUNCH) train_adapter_lora.py --preset $(PRESET) $(DEMO_FLAGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/python -m pytest -q
+
+# The report's browser test opens report.html in Debian's headless Chromium. As root on Debian (CI) it is installed
+# here when missing; elsewhere nothing is installed and that test fails saying how to install it.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+				chromium chromium-driver fonts-dejavu-core; \
+		else echo "No /usr/bin/chromium or /usr/bin/chromedriver: the browser test will fail (apt-get install chromium chromium-driver as root)." >&2; fi; \
+	fi
 
 setup: $(STAMP)
 

@@ -5,7 +5,9 @@
         --timm_encoder ARCHITECTURE --timm_encoder_weights encoder.safetensors --lpips_backbone alexnet.pth
     python evaluate_synthetic.py --preset tiny      # offline smoke test on random tiny models, under a minute on a CPU
 
-Writes OUTPUT/metrics.json (everything, with warnings and caveats), OUTPUT/per_class_metrics.csv and OUTPUT/plots/.
+Writes OUTPUT/metrics.json (everything, with warnings and caveats), OUTPUT/per_class_metrics.csv, OUTPUT/plots/,
+OUTPUT/report.html (the same as one page to look at: tiles side by side, verdicts, numbers with intervals) and
+OUTPUT/logs/ (the headline numbers with the run's settings for TensorBoard's hparams view).
 Features are cached per file content under OUTPUT/feature_cache (or --feature_cache_dir) and reused by later runs.
 """
 
@@ -21,6 +23,8 @@ from accelerate.logging import get_logger
 
 from pixcell_ext.data import scan_image_folder
 from pixcell_ext.evaluation import pipeline
+from pixcell_ext.evaluation.html_report import render_report
+from pixcell_ext.evaluation.tensorboard_logs import log_evaluation
 from pixcell_ext.model import networks
 from pixcell_ext.runtime import check_process_group, run_main
 from pixcell_ext.stacks import presets
@@ -86,10 +90,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--dataloader_num_workers", type=int, default=2)
     group.add_argument("--plot_max_points", type=int, default=2000, help="Per side, in the PCA projections.")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument(
+        "--baseline_metrics",
+        default=None,
+        help="metrics.json of the same evaluation of a set from the unadapted generator: report.html then says "
+        "whether this set is closer to the real tiles.",
+    )
     args = presets.parse_with_preset(parser, argv, PRESETS)
     if args.real_dir is None or args.synthetic_dir is None:
         parser.error("Give --real_dir and --synthetic_dir (or --preset tiny).")
-    for flag in ("inception_weights", "timm_encoder_weights", "lpips_backbone"):
+    for flag in ("inception_weights", "timm_encoder_weights", "lpips_backbone", "baseline_metrics"):
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
             parser.error(f"--{flag} '{path}' is not a file.")  # fail now, not after hours of feature extraction
@@ -236,8 +246,11 @@ def main(args: argparse.Namespace) -> None:
     cards, card_notes = pipeline.write_dataset_card(report, provenance, [Path(args.synthetic_dir), output_dir])
     report["dataset_cards"], report["notes"] = [str(c) for c in cards], notes + card_notes
     written = pipeline.write_report(output_dir, report)
+    baseline = json.loads(Path(args.baseline_metrics).read_text()) if args.baseline_metrics else None
+    written["html"] = render_report(report, output_dir, baseline=baseline)
+    log_evaluation(report, output_dir)
     summary = "\n".join([f"Overall, value [{args.confidence:.0%} interval] (n):", *pipeline.summary_lines(report)])
-    logger.info(f"{summary}\nWrote {written['json']} and {written['csv']}")
+    logger.info(f"{summary}\nWrote {written['json']}, {written['csv']} and {written['html']}")
 
 
 if __name__ == "__main__":
