@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,12 @@ from typing import Any
 import jinja2
 from PIL import Image
 
-from pixcell_ext.data import load_tile, scan_image_folder
+from pixcell_ext.data import ImageFolderIndex, load_tile, scan_image_folder
+from pixcell_ext.evaluation.pipeline import synthetic_provenance
 from pixcell_ext.evaluation.report import DISTRIBUTION_METRICS, LICENCE_CAVEAT, LPIPS_KEYS, OVERALL, PROBES
 from pixcell_ext.evaluation.verdicts import fmt, low_data_gain, verdicts
 from pixcell_ext.files import write_text_atomically
-from pixcell_ext.generation.manifest import (
-    GENERATION_CONFIG_FILE,
-    MANIFEST_FILE,
-    UNCONDITIONAL_REFERENCES,
-    read_manifest,
-)
+from pixcell_ext.generation.manifest import read_references
 
 REPORT_FILE = "report.html"
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -111,29 +106,26 @@ def class_tiles(
     classes: list[str], real_dir: str | None, synthetic_dir: str | None, count: int, size: int
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Per class: real, generated and reference thumbnails, and notes on what could not be shown."""
-    notes, manifest = [], {}
-    synthetic = Path(synthetic_dir) if synthetic_dir else None
-    if synthetic is None or not synthetic.is_dir():
+    notes, manifest = [], None
+    real_index, synthetic_index = _index(real_dir, classes), _index(synthetic_dir, classes)
+    if synthetic_index is None:
         notes.append(f"The synthetic folder ({synthetic_dir}) is not readable here: no generated tiles shown.")
-    elif (synthetic / MANIFEST_FILE).is_file():
-        manifest = {row["file"]: row for row in read_manifest(synthetic)}
     else:
-        notes.append("No manifest.csv beside the synthetic tiles: the reference each was generated from is unknown.")
-    reference_root = _reference_root(synthetic) if manifest else None
-    real_index = _index(real_dir, classes)
+        manifest = read_references(synthetic_dir, real_dir or synthetic_dir)
+        if manifest is None:
+            notes.append(
+                "No manifest.csv beside the synthetic tiles: the reference each was generated from is unknown."
+            )
     if real_index is None:
         notes.append(f"The real folder ({real_dir}) is not readable here: no real tiles shown.")
-    synthetic_index = _index(synthetic_dir, classes)
     tiles = {}
     for name in classes:
         real = _class_paths(real_index, name)[:count]
         generated = _class_paths(synthetic_index, name)[:count]
-        entry: dict[str, Any] = {"real": [thumbnail(p, size) for p in real], "notes": []}
+        entry: dict[str, Any] = {"real": [thumbnail(p, size) for p in real], "notes": [], "references": []}
         entry["generated"] = [thumbnail(p, size) for p in generated]
-        entry["references"] = []
-        if manifest and generated:
-            rows = [manifest.get(p.resolve().relative_to(synthetic.resolve()).as_posix()) for p in generated]
-            references = [_reference(row, reference_root) for row in rows]
+        if manifest is not None and generated:
+            references = [manifest.references.get(p.resolve()) for p in generated]
             if not any(references):
                 entry["notes"].append("No reference tiles for this class: generated without one (see manifest.csv).")
             entry["references"] = [thumbnail(r, size) if r else None for r in references]
@@ -144,31 +136,17 @@ def class_tiles(
     return tiles, notes
 
 
-def _index(folder: str | None, classes: list[str]):
+def _index(folder: str | None, classes: list[str]) -> ImageFolderIndex | None:
     if not folder or not Path(folder).is_dir():
         return None
     return scan_image_folder(folder, classes=classes, allow_missing_classes=True, verify=False)
 
 
-def _class_paths(index, name: str) -> list[Path]:
+def _class_paths(index: ImageFolderIndex | None, name: str) -> list[Path]:
     if index is None or name not in index.class_names:
         return []
     label = index.class_names.index(name)
     return [r.path for r in index.records if r.label == label]
-
-
-def _reference_root(synthetic: Path) -> Path | None:
-    config = synthetic / GENERATION_CONFIG_FILE
-    root = json.loads(config.read_text()).get("sources", {}).get("reference_data_dir") if config.is_file() else None
-    return Path(root) if root else None
-
-
-def _reference(row: dict[str, str] | None, root: Path | None) -> Path | None:
-    value = (row or {}).get("reference", "").strip()
-    if value.lower() in UNCONDITIONAL_REFERENCES or root is None:
-        return None
-    path = root / value
-    return path if path.is_file() else None
 
 
 def feature_spaces(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -213,11 +191,11 @@ def feature_spaces(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 def provenance(synthetic_dir: str | None) -> list[tuple[str, Any]]:
     """How the set was made, from its generation_config.json ([] when there is none)."""
-    path = Path(synthetic_dir or "") / GENERATION_CONFIG_FILE
-    if not synthetic_dir or not path.is_file():
+    config = synthetic_provenance(synthetic_dir) if synthetic_dir else {}
+    if not config:
         return []
-    config = json.loads(path.read_text())
     sources = config.get("sources") or {}
+    per_class = config.get("images_per_class") or {}
     items = [
         ("generator", config.get("generator", "generate_synthetic.py (adapted PixCell)")),
         ("model", sources.get("pretrained_model_name_or_path")),
@@ -231,9 +209,26 @@ def provenance(synthetic_dir: str | None) -> list[tuple[str, Any]]:
         ("seed", config.get("seed")),
         ("precision", config.get("dtype")),
         ("reference tiles", sources.get("reference_data_dir")),
-        ("images per class", config.get("images_per_class")),
+        ("images per class", ", ".join(f"{name} {count}" for name, count in per_class.items()) or None),
     ]
     return [(key, value) for key, value in items if value is not None]
+
+
+KNOWN_FIELDS = {
+    "classes",
+    "counts",
+    "synthetic_is_standin",
+    "probe_split",
+    "extractors",
+    "skipped_extractors",
+    "memorisation",
+    "lpips",
+    "warnings",
+    "notes",
+    "config",
+    "plots",
+    "dataset_cards",
+}
 
 
 def report_context(
@@ -290,23 +285,6 @@ def report_context(
         "licence": LICENCE_CAVEAT,
         "extra_fields": sorted(set(metrics) - KNOWN_FIELDS),
     }
-
-
-KNOWN_FIELDS = {
-    "classes",
-    "counts",
-    "synthetic_is_standin",
-    "probe_split",
-    "extractors",
-    "skipped_extractors",
-    "memorisation",
-    "lpips",
-    "warnings",
-    "notes",
-    "config",
-    "plots",
-    "dataset_cards",
-}
 
 
 def render_report(

@@ -9,12 +9,11 @@ runs in one table.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from pixcell_ext.evaluation.pipeline import synthetic_provenance
 from pixcell_ext.evaluation.report import DISTRIBUTION_METRICS, OVERALL
-from pixcell_ext.generation.manifest import GENERATION_CONFIG_FILE
 from pixcell_ext.training.run_directory import loggable_config, read_training_config
 
 LOGS_DIR = "logs"
@@ -23,8 +22,7 @@ GENERATION_KEYS = ("guidance_scale", "num_inference_steps", "scheduler", "seed",
 
 def run_hparams(synthetic_dir: str | Path) -> dict[str, Any]:
     """Generation settings (``generation/...``) and, when its LoRA folder is readable, training's (``training/...``)."""
-    path = Path(synthetic_dir) / GENERATION_CONFIG_FILE
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = synthetic_provenance(synthetic_dir)
     hparams = {f"generation/{key}": config[key] for key in GENERATION_KEYS if config.get(key) is not None}
     lora_dir = (config.get("sources") or {}).get("lora_dir")
     if lora_dir:

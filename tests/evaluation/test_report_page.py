@@ -271,3 +271,21 @@ def test_headline_numbers_and_settings_reach_tensorboards_hparams(tiny_evaluatio
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     config = json.loads((Path(metrics["config"]["synthetic_dir"]) / "generation_config.json").read_text())
     assert start.hparams["generation/seed"].number_value == config["seed"]
+
+
+def test_hparams_carry_the_training_runs_configuration_found_through_the_lora_dir(tmp_path):
+    from pixcell_ext.evaluation.tensorboard_logs import run_hparams
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "training_config.json").write_text(json.dumps({"learning_rate": 1e-4, "rank": [4]}))
+    config = {"seed": 3, "guidance_scale": 1.5, "scheduler": "dpm", "sources": {"lora_dir": str(tmp_path / "run")}}
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    assert run_hparams(tmp_path) == {
+        "generation/seed": 3,
+        "generation/guidance_scale": 1.5,
+        "generation/scheduler": "dpm",
+        "generation/lora_dir": str(tmp_path / "run"),
+        "training/learning_rate": 1e-4,
+        "training/rank": "[4]",  # hparams take scalars and strings
+    }
+    assert run_hparams(tmp_path / "nowhere") == {}
