@@ -125,9 +125,11 @@ def memorisation_verdict(memorisation: dict[str, Any] | None) -> Verdict:
         return Verdict(COPIES, "Not checked", "unknown", reason)
     share = memorisation["possible_copies"]
     expected = memorisation.get("expected_by_chance", 0.01)
+    space = memorisation.get("feature_space", "?")
     detail = (
-        f"{fmt(share, percent=True)} of generated tiles are closer to a training tile than {1 - expected:.0%} of "
-        f"held-out real tiles are ({expected:.0%} expected by chance; {memorisation.get('feature_space', '?')} space)."
+        f"{fmt(share, percent=True)} of generated tiles are closer to a training tile than "
+        f"{100 * (1 - expected):.0f} % of held-out real tiles are ({100 * expected:.0f} % expected by chance; "
+        f"{space} space)."
     )
     if memorisation.get("flagged"):
         return Verdict(COPIES, "Possibly: look at the closest pairs", "bad", detail)
