@@ -98,7 +98,7 @@ def write_manifest(output_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
         json.dumps({"file_name" if key == "file" else key: row.get(key, "") for key in MANIFEST_COLUMNS}) + "\n"
         for row in rows
     )
-    for name, text in ((METADATA_FILE, metadata), (MANIFEST_FILE, buffer.getvalue())):
+    for name, text in ((MANIFEST_FILE, buffer.getvalue()), (METADATA_FILE, metadata)):
         remove_stale_temporaries(output_dir, name)
         write_text_atomically(Path(output_dir) / name, text)
 

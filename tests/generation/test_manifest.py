@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from conftest import REPO
 from pixcell_ext.generation.manifest import (
     MANIFEST_COLUMNS,
     MANIFEST_FILE,
+    METADATA_FILE,
     read_manifest,
     read_references,
     write_manifest,
@@ -59,6 +61,9 @@ def test_a_write_killed_before_its_rename_leaves_no_temporary_after_the_rerun(tm
     write_manifest(tmp_path, [{"file": "A/gen_0000.png"}])
     assert [r["file"] for r in read_manifest(tmp_path)] == ["A/gen_0000.png"]
     assert sorted(tmp_path.glob(f".{MANIFEST_FILE}.*.tmp")) == [live]
+    assert (tmp_path / METADATA_FILE).read_text() == json.dumps(
+        {"file_name": "A/gen_0000.png", **dict.fromkeys(MANIFEST_COLUMNS[1:], "")}
+    ) + "\n"
 
 
 def test_references_are_written_relative_to_a_relative_reference_flag(tmp_path, monkeypatch):
