@@ -15,7 +15,7 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 # Explicit values for everything `accelerate launch` would otherwise guess (and warn about): one process, no mixed
 # precision, no compilation; on the GPU when there is one.
-LAUNCH = $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+LAUNCH = $(VENV)/bin/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 # Resubmitting a finished run stops at once with "complete"; an interrupted one resumes.
 DEMO_FLAGS ?= --resume_from_checkpoint latest
 STAMP = $(VENV)/.setup-done

@@ -17,20 +17,16 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-
-from pixcell_ext.data import scan_image_folder
-from pixcell_ext.evaluation import pipeline
-from pixcell_ext.evaluation.html_report import render_report
-from pixcell_ext.evaluation.tensorboard_logs import log_evaluation
-from pixcell_ext.model import networks
-from pixcell_ext.runtime import check_process_group, run_main
+from pixcell_ext import UNI2H_ID, arguments
+from pixcell_ext.console import run_main, setup_logging
 from pixcell_ext.stacks import presets
-from pixcell_ext.training.feature_cache import hash_files
 
-logger = get_logger(__name__)
+if TYPE_CHECKING:  # the heavy modules are imported where they are used, so that --help answers at once
+    from pixcell_ext.evaluation import pipeline
+
+logger = logging.getLogger(__name__)
 PRESETS = presets.EVALUATION_PRESETS
 
 
@@ -55,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Feature spaces; Inception is skipped with a note when its weights are unavailable, timm needs "
         "--timm_encoder. The colour-histogram probe baseline always runs.",
     )
-    group.add_argument("--uni_model_name_or_path", default=networks.UNI2H_ID, help="hf-hub:id, a folder or a file.")
+    group.add_argument("--uni_model_name_or_path", default=UNI2H_ID, help="hf-hub:id, a folder or a file.")
     group.add_argument("--inception_weights", default=None, help="TorchScript FID Inception or torchvision state dict.")
     group.add_argument("--timm_encoder", default=None, help="timm architecture name of an independent encoder.")
     group.add_argument("--timm_encoder_weights", default=None, help="Its weights (.safetensors or torch state dict).")
@@ -99,16 +95,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = presets.parse_with_preset(parser, argv, PRESETS)
     if args.real_dir is None or args.synthetic_dir is None:
         parser.error("Give --real_dir and --synthetic_dir (or --preset tiny).")
-    for flag in ("inception_weights", "timm_encoder_weights", "lpips_backbone", "baseline_metrics"):
-        path = getattr(args, flag)
-        if path is not None and not Path(path).is_file():
-            parser.error(f"--{flag} '{path}' is not a file.")  # fail now, not after hours of feature extraction
+    arguments.check_evaluation(vars(args), {flag: parser.get_default(flag) for flag in vars(args)})
     return args
 
 
 def metric_settings(
     args: argparse.Namespace,
 ) -> tuple[pipeline.DistributionSettings, pipeline.ProbeSettings, pipeline.LPIPSSettings]:
+    from pixcell_ext.evaluation import pipeline
+
     common = {"confidence": args.confidence, "seed": args.seed}
     return (
         pipeline.DistributionSettings(
@@ -131,21 +126,40 @@ def metric_settings(
     )
 
 
-def main(args: argparse.Namespace) -> None:
-    accelerator = Accelerator()
-    check_process_group(accelerator)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    output_dir = Path(args.output_dir)
+def tile_sets(args: argparse.Namespace) -> tuple[pipeline.TileSet, ...]:
+    """Synthetic, real, real test (or None) and training (or None) tiles, every file checked; the real sets are read
+    for the classes of the synthetic one."""
+    from pixcell_ext.data import scan_image_folder
+    from pixcell_ext.evaluation import pipeline
 
-    def scan(folder: str, classes: list[str] | None) -> pipeline.TileSet:
-        index = scan_image_folder(folder, classes=classes, skip_bad_images=args.skip_bad_images)
-        return pipeline.TileSet.from_index(index)
+    def scan(folder: str | None, classes: list[str] | None) -> pipeline.TileSet | None:
+        if folder is None:
+            return None
+        return pipeline.TileSet.from_index(
+            scan_image_folder(folder, classes=classes, skip_bad_images=args.skip_bad_images)
+        )
 
     synthetic = scan(args.synthetic_dir, args.classes)
     classes = args.classes or sorted(set(synthetic.labels))
-    real = scan(args.real_dir, classes)
-    real_test = scan(args.real_test_dir, classes) if args.real_test_dir else None
-    training = scan(args.train_data_dir, None) if args.train_data_dir else None
+    real, real_test = scan(args.real_dir, classes), scan(args.real_test_dir, classes)
+    return synthetic, real, real_test, scan(args.train_data_dir, None)
+
+
+def main(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from pixcell_ext.evaluation import pipeline
+    from pixcell_ext.runtime import check_process_group
+    from pixcell_ext.training.feature_cache import hash_files
+    from pixcell_ext.training.run_directory import disk_full_explained
+
+    accelerator = Accelerator()
+    check_process_group(accelerator)
+    setup_logging(accelerator.process_index, accelerator.num_processes)
+    output_dir = Path(args.output_dir)
+
+    synthetic, real, real_test, training = tile_sets(args)
+    classes = args.classes or sorted(set(synthetic.labels))
     tiles, rows = pipeline.arrange_tiles(
         real, synthetic, real_test, test_fraction=args.real_test_fraction, seed=args.seed
     )
@@ -172,7 +186,8 @@ def main(args: argparse.Namespace) -> None:
         "batch_size": args.batch_size,
         "num_workers": args.dataloader_num_workers,
     }
-    features, skipped = pipeline.extract_features(accelerator, extractors, tiles.paths, digests, **extract)
+    with disk_full_explained(extract["cache_dir"], "the feature cache", "--feature_cache_dir", training=False):
+        features, skipped = pipeline.extract_features(accelerator, extractors, tiles.paths, digests, **extract)
     for reason in skipped.values():
         logger.warning(reason)
     synthetic_rows = rows["synthetic"]
@@ -187,9 +202,10 @@ def main(args: argparse.Namespace) -> None:
         notes.append(pipeline.SAME_PATIENT_SPLIT_NOTE)
     if probe_rows is None:
         notes.append("Probes skipped: the real train, real test and synthetic sets each need at least two classes.")
-    warnings = pipeline.dependence_warnings(tiles, digests, rows, manifest)
-    if manifest is None:
-        logger.warning(pipeline.NO_MANIFEST_WARNING)
+    warnings = [] if args.classes else pipeline.missing_class_warning(args.real_dir, classes)
+    warnings += pipeline.dependence_warnings(tiles, digests, rows, manifest)
+    for warning in warnings:
+        logger.warning(warning)
     extractor_results, found = pipeline.evaluate_feature_spaces(
         extractors,
         features,
@@ -239,19 +255,33 @@ def main(args: argparse.Namespace) -> None:
         "notes": notes,
         "config": vars(args),
     }
-    plots = pipeline.write_plots(
-        report, features, tiles, rows, output_dir / "plots", max_points=args.plot_max_points, seed=args.seed
-    )
-    report["plots"] = [str(p.relative_to(output_dir)) for p in plots]
-    cards, card_notes = pipeline.write_dataset_card(report, provenance, [Path(args.synthetic_dir), output_dir])
-    report["dataset_cards"], report["notes"] = [str(c) for c in cards], notes + card_notes
-    written = pipeline.write_report(output_dir, report)
-    baseline = json.loads(Path(args.baseline_metrics).read_text()) if args.baseline_metrics else None
-    written["html"] = render_report(report, output_dir, baseline=baseline)
-    log_evaluation(report, output_dir)
+    written = write_outputs(args, report, features, tiles, rows, provenance)
     summary = "\n".join([f"Overall, value [{args.confidence:.0%} interval] (n):", *pipeline.summary_lines(report)])
     logger.info(f"{summary}\nWrote {written['json']}, {written['csv']} and {written['html']}")
 
 
+def write_outputs(args: argparse.Namespace, report: dict, features, tiles, rows, provenance: dict) -> dict[str, Path]:
+    """Plots, dataset cards, metrics.json/CSV, report.html and the TensorBoard hparams: one sentence if the disk is
+    full (metrics.json is written whole or not at all, so nothing half-done looks like a finished evaluation)."""
+    from pixcell_ext.evaluation import pipeline
+    from pixcell_ext.evaluation.html_report import render_report
+    from pixcell_ext.evaluation.tensorboard_logs import log_evaluation
+    from pixcell_ext.training.run_directory import disk_full_explained
+
+    output_dir = Path(args.output_dir)
+    with disk_full_explained(output_dir, "the report, plots and dataset cards", "--output_dir", training=False):
+        plots = pipeline.write_plots(
+            report, features, tiles, rows, output_dir / "plots", max_points=args.plot_max_points, seed=args.seed
+        )
+        report["plots"] = [str(p.relative_to(output_dir)) for p in plots]
+        cards, card_notes = pipeline.write_dataset_card(report, provenance, [Path(args.synthetic_dir), output_dir])
+        report["dataset_cards"], report["notes"] = [str(c) for c in cards], report["notes"] + card_notes
+        written = pipeline.write_report(output_dir, report)
+        baseline = json.loads(Path(args.baseline_metrics).read_text()) if args.baseline_metrics else None
+        written["html"] = render_report(report, output_dir, baseline=baseline)
+        log_evaluation(report, output_dir)
+    return written
+
+
 if __name__ == "__main__":
-    run_main(main, parse_args())
+    run_main(parse_args, main)

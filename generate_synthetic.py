@@ -1,7 +1,9 @@
 """Generate a class-organised synthetic dataset with PixCell-256 adapted by train_adapter_lora.py.
 
 Each generated tile is conditioned on the UNI2-h embedding of a real reference tile of its class (a class without
-reference tiles falls back to the adapted unconditional embedding). Output: OUT/<CLASS>/gen_0000.png ...,
+reference tiles is generated from its class embedding for a run trained with --class_conditioning, and otherwise
+refused unless --allow_unconditional asks for the adapted unconditional embedding).
+Output: OUT/<CLASS>/gen_0000.png ...,
 OUT/manifest.csv, the same rows as OUT/metadata.jsonl (what `datasets`' imagefolder reads), OUT/generation_config.json
 and a hidden contact sheet per class, OUT/.contact_sheet_<CLASS>.png.
 Images are byte-identical for any number of processes and resume points (on CPUs: at equal threads per
@@ -17,19 +19,16 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from tqdm.auto import tqdm
-
-from pixcell_ext.files import write_png_atomically
-from pixcell_ext.generation import manifest, pipeline, run_config, work_list
-from pixcell_ext.model import networks
-from pixcell_ext.model.compilation import compile_transformer
-from pixcell_ext.runtime import check_process_group, run_main, weight_dtype
+from pixcell_ext import SAMPLER_NAMES, arguments
+from pixcell_ext.console import EVERY_PROCESS, progress_bar, run_main, setup_logging
 from pixcell_ext.stacks import presets
 
-logger = get_logger(__name__)
+if TYPE_CHECKING:  # the heavy modules are imported where they are used, so that --help answers at once
+    from pixcell_ext.generation import run_config
+
+logger = logging.getLogger(__name__)
 PRESETS = presets.GENERATION_PRESETS
 
 
@@ -44,11 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--reference_data_dir", default=None, help="One folder of real tiles per class.")
     group.add_argument("--classes", nargs="+", default=None, help="Generate these classes; default: every folder.")
     group.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable reference tiles.")
+    group.add_argument(
+        "--allow_unconditional",
+        action="store_true",
+        help="Generate a class without reference tiles unconditionally (refused otherwise, unless the run was "
+        "trained with --class_conditioning, which generates it from its class embedding).",
+    )
     group = parser.add_argument_group("sampling")
     group.add_argument("--num_images_per_class", type=int, default=50)
     group.add_argument("--guidance_scale", type=float, default=2.0)
     group.add_argument("--num_inference_steps", type=int, default=20)
-    group.add_argument("--scheduler", choices=sorted(networks.SAMPLERS), default="dpm")
+    group.add_argument("--scheduler", choices=SAMPLER_NAMES, default="dpm")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--batch_size", type=int, default=8, help="Images per forward, per process.")
     group.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks.")
@@ -58,12 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = presets.parse_with_preset(parser, argv, PRESETS)
     if args.reference_data_dir is None or args.output_dir is None:
         parser.error("--reference_data_dir and --output_dir are required (or --preset tiny).")
-    if args.num_images_per_class < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
-        parser.error("--num_images_per_class, --batch_size and --num_inference_steps must be at least 1.")
+    arguments.check_generation(vars(args), {flag: parser.get_default(flag) for flag in vars(args)})
     return args
 
 
 def generation_settings(args: argparse.Namespace) -> run_config.GenerationSettings:
+    from pixcell_ext.generation import run_config
+
     return run_config.GenerationSettings(
         pretrained_model_name_or_path=args.pretrained_model_name_or_path,
         revision=args.revision,
@@ -79,9 +85,18 @@ def generation_settings(args: argparse.Namespace) -> run_config.GenerationSettin
 
 
 def main(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from pixcell_ext.files import write_png_atomically
+    from pixcell_ext.generation import manifest, pipeline, run_config, work_list
+    from pixcell_ext.model import networks
+    from pixcell_ext.model.compilation import compile_transformer
+    from pixcell_ext.runtime import check_process_group, weight_dtype
+    from pixcell_ext.training.run_directory import disk_full_explained
+
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     check_process_group(accelerator)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging(accelerator.process_index, accelerator.num_processes)
     output_dir = Path(args.output_dir)
 
     # Everything that can refuse the run is checked before the models load.
@@ -101,22 +116,12 @@ def main(args: argparse.Namespace) -> None:
         )
         for name, paths in files.items()
     }
-    trained_classes = run_config.trained_class_names(args.lora_dir)
-    if trained_classes is not None and set(classes) - set(trained_classes):
-        raise ValueError(
-            f"--lora_dir {args.lora_dir} was trained with class conditioning on {list(trained_classes)}; it cannot "
-            f"generate {sorted(set(classes) - set(trained_classes))}. Pass --classes from that list."
-        )
-    fallback = (
-        "its class embedding alone (conditioning=class-only)"
-        if trained_classes
-        else ("the adapted unconditional embedding (conditioning=unconditional)")
+    run_config.check_classes(
+        {name: references[name] for name in classes},
+        run_config.trained_class_names(args.lora_dir),
+        args.reference_data_dir,
+        allow_unconditional=args.allow_unconditional,
     )
-    for name in classes:
-        if not references[name]:
-            logger.warning(
-                f"{name}: no reference tiles in '{args.reference_data_dir}/{name}'; generating from {fallback}."
-            )
 
     stack = networks.load_pixcell_stack(
         args.pretrained_model_name_or_path,
@@ -133,12 +138,13 @@ def main(args: argparse.Namespace) -> None:
 
     accelerator.wait_for_everyone()  # nobody reads the directory's old state after this point
     if accelerator.is_main_process:
-        if args.overwrite:
-            run_config.clear_generated(output_dir)
-        run_config.remove_half_written_images(output_dir)
-        run_config.write_generation_config(output_dir, {**config, "resolution": resolution})
-        for name in classes:
-            (output_dir / name).mkdir(exist_ok=True)
+        with disk_full_explained(output_dir, "the generation config", "--output_dir", training=False):
+            if args.overwrite:
+                run_config.clear_generated(output_dir)
+            run_config.remove_half_written_images(output_dir)
+            run_config.write_generation_config(output_dir, {**config, "resolution": resolution})
+            for name in classes:
+                (output_dir / name).mkdir(exist_ok=True)
     accelerator.wait_for_everyone()
 
     everything = work_list.work_items(references, extent, args.seed)
@@ -146,27 +152,31 @@ def main(args: argparse.Namespace) -> None:
     pending = work_list.unfinished(this_run, output_dir)
     accelerator.wait_for_everyone()  # every process has listed the same unfinished images before anyone writes
     mine = pending[accelerator.process_index :: accelerator.num_processes]
-    logger.info(
+    EVERY_PROCESS.info(
         f"{len(this_run)} images in {len(classes)} classes, {len(this_run) - len(pending)} already made; process "
-        f"{accelerator.process_index + 1}/{accelerator.num_processes} makes {len(mine)} on {accelerator.device}.",
-        main_process_only=False,
+        f"{accelerator.process_index + 1}/{accelerator.num_processes} makes {len(mine)} on {accelerator.device}."
     )
     settings = pipeline.SamplingSettings(args.guidance_scale, args.num_inference_steps, args.scheduler, args.batch_size)
     for name, batches in work_list.class_batches(mine, args.batch_size):
-        progress = tqdm(total=sum(map(len, batches)), desc=name, disable=not accelerator.is_main_process)
+        progress = progress_bar(sum(map(len, batches)), name, enabled=accelerator.is_main_process)
         for batch in batches:
             images = pipeline.generate_batch(model, stack.uni, stack.vae, stack.scheduler_config, batch, settings)
-            for item, image in zip(batch, images, strict=True):
-                write_png_atomically(output_dir / item.file, image)
+            with disk_full_explained(output_dir, f"the {name} images", "--output_dir", training=False):
+                for item, image in zip(batch, images, strict=True):
+                    write_png_atomically(output_dir / item.file, image)
             progress.update(len(batch))
         progress.close()
+        logger.info(f"{name}: {sum(map(len, batches))} images made by this process")
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         rows = manifest.manifest_rows(output_dir, everything, config)
-        manifest.write_manifest(output_dir, rows)
-        for name in extent:
-            pipeline.write_contact_sheet(output_dir, name, [i for i in everything if i.class_name == name], resolution)
+        with disk_full_explained(output_dir, "the manifest and contact sheets", "--output_dir", training=False):
+            manifest.write_manifest(output_dir, rows)
+            for name in extent:
+                pipeline.write_contact_sheet(
+                    output_dir, name, [i for i in everything if i.class_name == name], resolution
+                )
         logger.info(
             f"{len(rows)} images listed in {output_dir / manifest.MANIFEST_FILE}; contact sheets: "
             f"{output_dir}/.contact_sheet_<CLASS>.png"
@@ -175,4 +185,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main, parse_args())
+    run_main(parse_args, main)

@@ -1,8 +1,8 @@
 """Adapt PixCell-256 to a class-folder histology dataset: a UNI2-h -> PixCell adapter plus LoRA in the transformer.
 
-    accelerate launch train_adapter_lora.py --train_data_dir NCT-CRC-HE-100K --output_dir runs/nct
-    python train_adapter_lora.py --preset mini          # offline: adapt the trained mini stack to a toy domain
-    python train_adapter_lora.py --preset tiny          # offline, random tiny models, a minute on a CPU
+accelerate launch train_adapter_lora.py --train_data_dir NCT-CRC-HE-100K --output_dir runs/nct
+python train_adapter_lora.py --preset mini          # offline: adapt the trained mini stack to a toy domain
+python train_adapter_lora.py --preset tiny          # offline, random tiny models, a minute on a CPU
 """
 
 from __future__ import annotations
@@ -11,39 +11,24 @@ import argparse
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
-from tqdm.auto import tqdm
-
-from pixcell_ext import data
-from pixcell_ext.model import networks
-from pixcell_ext.model.adapter import AdapterConfig
-from pixcell_ext.model.attention import check_lora_targets
-from pixcell_ext.model.compilation import compile_transformer
-from pixcell_ext.model.lora import (
-    DEFAULT_TARGET_MODULES,
-    LoRAConfig,
-    alpha_or_rank,
-    block_rank_pattern,
-    lora_parameters,
-    parse_block_spec,
-)
-from pixcell_ext.runtime import (
-    apply_gradient_clipping_to_deepspeed,
-    check_process_group,
-    check_replicas_identical,
-    run_main,
-    too_many_bad_steps_message,
-    weight_dtype,
-)
+from pixcell_ext import arguments
+from pixcell_ext.console import progress_bar, run_main, setup_logging
+from pixcell_ext.model.lora_targets import DEFAULT_TARGET_MODULES
 from pixcell_ext.stacks import presets
-from pixcell_ext.training import checkpoints, feature_cache, loop, run_directory, validation
 
-logger = get_logger(__name__)
+if TYPE_CHECKING:  # the heavy modules are imported where they are used, so that --help answers at once
+    import torch
+    from accelerate import Accelerator
+
+    from pixcell_ext import data
+    from pixcell_ext.model import networks
+    from pixcell_ext.model.adapter import AdapterConfig
+    from pixcell_ext.model.lora import LoRAConfig
+    from pixcell_ext.training import checkpoints, loop
+
+logger = logging.getLogger(__name__)
 PRESETS = presets.TRAINING_PRESETS
 
 
@@ -98,7 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--train_batch_size", type=int, default=16, help="Per process.")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--num_train_epochs", type=int, default=1)
-    group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    group.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Optimiser updates (at least 1); overrides --num_train_epochs.",
+    )
     group.add_argument("--learning_rate", type=float, default=1e-4)
     group.add_argument("--lr_scheduler", default="constant_with_warmup")
     group.add_argument("--lr_warmup_steps", type=int, default=100, help="In optimiser updates.")
@@ -127,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--checkpoints_total_limit", type=int, default=None)
     group.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
     group.add_argument(
+        "--allow_other_data",
+        action="store_true",
+        help="Resume on data other than the checkpoint's (refused otherwise); training_config.json records both.",
+    )
+    group.add_argument(
         "--overwrite",
         action="store_true",
         help="Start a new run in an --output_dir that holds another run, deleting what that run wrote.",
@@ -146,18 +141,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.overwrite and args.resume_from_checkpoint:
         parser.error("--overwrite starts a new run and --resume_from_checkpoint continues one: give one of them.")
-    try:
-        check_lora_targets(args.lora_targets, args.adapter_tokens)
-    except ValueError as error:
-        parser.error(str(error))
+    arguments.check_training(vars(args), {flag: parser.get_default(flag) for flag in vars(args)})
     return args
 
 
 def main(args: argparse.Namespace) -> None:
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from pixcell_ext import data
+    from pixcell_ext.model import networks
+    from pixcell_ext.model.compilation import compile_transformer
+    from pixcell_ext.runtime import apply_gradient_clipping_to_deepspeed, check_replicas_identical
+    from pixcell_ext.training import checkpoints, loop, run_directory
+
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
 
-    # Output folder and data first: a mistake should fail in seconds, not after loading 1.3 B parameters.
+    # Output folder, checkpoint and data first: a mistake should fail in seconds, not after loading 1.3 B parameters.
     run_directory.check_writable(output_dir)
     run_directory.claim_output_dir(
         output_dir,
@@ -167,14 +168,20 @@ def main(args: argparse.Namespace) -> None:
         is_main=accelerator.is_main_process,
     )
     accelerator.wait_for_everyone()
-    index = load_index(args, accelerator)
     checkpoint = checkpoints.resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    index, digests = load_index(args, accelerator)
+    run_config = {
+        **vars(args),
+        "class_names": index.class_names,
+        "data_sha256": data.content_fingerprint(index, digests),
+    }
     updates_per_epoch = checkpoints.updates_per_epoch(
         len(index.records), args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps
     )
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     if checkpoint is not None:
         checkpoints.check_resumable(checkpoint, vars(args))
+        run_config["earlier_data"] = checkpoints.earlier_data(checkpoint, run_config, args.allow_other_data)
         if finish_if_complete(accelerator, checkpoint, output_dir, max_train_steps):
             return
 
@@ -188,7 +195,7 @@ def main(args: argparse.Namespace) -> None:
     if args.compile:
         compile_transformer(stack.transformer)
     trainable = loop.trainable_parameters(model)
-    dataset = training_dataset(args, accelerator, index, resolution)
+    dataset = training_dataset(args, accelerator, index, digests, resolution)
     noise_scheduler = networks.training_scheduler(stack.scheduler_config)
     train_dataloader = training_dataloader(args, dataset, index, stack, resolution, noise_scheduler)
     optimizer = loop.make_optimizer(
@@ -209,20 +216,52 @@ def main(args: argparse.Namespace) -> None:
     accelerator.register_save_state_pre_hook(run_directory.checkpoint_save_hook(accelerator, lora_config))
     accelerator.register_load_state_pre_hook(run_directory.checkpoint_load_hook(accelerator))
     modules = loop.TrainingModules(model, trainable, optimizer, lr_scheduler, noise_scheduler, stack.vae, stack.uni)
-    step_config = loop.StepConfig(args.max_grad_norm, args.snr_gamma, args.class_loss_weight, args.augment)
     validate = validation_panels(args, accelerator, index, dataset, stack, resolution)
-    run_config = {**vars(args), "class_names": index.class_names, "resolution": resolution}
+    run_config["resolution"] = resolution
 
     progress = checkpoints.load_checkpoint(accelerator, checkpoint)
     if accelerator.is_main_process:
-        accelerator.init_trackers("pixcell_adapter_lora", config=run_directory.loggable_config(run_config))
+        with run_directory.disk_full_explained(output_dir, "the TensorBoard logs"):
+            accelerator.init_trackers("pixcell_adapter_lora", config=run_directory.loggable_config(run_config))
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    log_plan(args, accelerator, model, checkpoint, progress, max_train_steps, num_epochs, updates_per_epoch)
-    progress_bar = tqdm(
-        total=max_train_steps, initial=progress.global_step, desc="steps", disable=not accelerator.is_local_main_process
+    log_plan(args, accelerator, model, checkpoint, progress, (max_train_steps, num_epochs, updates_per_epoch))
+    train_loop(
+        args, accelerator, modules, train_dataloader, validate, progress, (max_train_steps, num_epochs), run_config
+    )
+
+    check_replicas_identical(accelerator, trainable)
+    logger.info(f"Trainable weights are bit-identical on all {accelerator.num_processes} process(es)")
+    if accelerator.is_main_process:
+        with run_directory.disk_full_explained(output_dir, "the final weights"):
+            run_directory.save_trained(output_dir, accelerator.unwrap_model(model), lora_config)
+            run_directory.write_run_summary(output_dir, {**run_config, "trained_steps": progress.global_step})
+        logger.info(f"Wrote adapter, LoRA, config and model card to {output_dir}")
+    with run_directory.disk_full_explained(output_dir, "the TensorBoard logs"):
+        accelerator.end_training()
+
+
+def train_loop(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    modules: loop.TrainingModules,
+    train_dataloader,
+    validate,
+    progress: checkpoints.TrainingProgress,
+    schedule: tuple[int, int],
+    run_config: dict,
+) -> None:
+    """Updates until the last of `schedule` (max_train_steps, num_epochs), from where `progress` says the run
+    stopped; checkpoints and panels on the way. A full disk stops it with the sentence naming the last complete
+    checkpoint."""
+    from pixcell_ext.runtime import RunStopped, too_many_bad_steps_message
+    from pixcell_ext.training import checkpoints, loop, run_directory
+
+    output_dir, model, (max_train_steps, num_epochs) = Path(args.output_dir), modules.model, schedule
+    step_config = loop.StepConfig(args.max_grad_norm, args.snr_gamma, args.class_loss_weight, args.augment)
+    bar = progress_bar(
+        max_train_steps, "steps", enabled=accelerator.is_local_main_process, initial=progress.global_step
     )
     bad_steps = 0
-
     for epoch in range(progress.epoch, num_epochs):
         # Through the prepared loader: it calls set_epoch with its own counter at every pass (0 in a resumed process),
         # and `skip_first_batches` copies that counter, so setting the sampler directly would be overridden.
@@ -237,43 +276,44 @@ def main(args: argparse.Namespace) -> None:
             if not stats.updated:
                 continue
             progress.global_step += 1
-            progress_bar.update(1)
+            bar.update(1)
             bad_steps = bad_steps + 1 if stats.skipped else 0
             if stats.skipped:
                 progress.skipped_steps += 1
                 logger.warning(f"Non-finite loss at step {progress.global_step}: update skipped ({bad_steps})")
             if bad_steps >= args.max_bad_steps:
-                raise RuntimeError(
+                raise RunStopped(
                     too_many_bad_steps_message(bad_steps, args.max_bad_steps, args.learning_rate, args.max_grad_norm)
                 )
-            logs = {**stats.terms, "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": progress.skipped_steps}
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")  # non-finite shows as nan
-            accelerator.log(logs, step=progress.global_step)
+            logs = {**stats.terms, "lr": modules.lr_scheduler.get_last_lr()[0], "skipped_steps": progress.skipped_steps}
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")  # non-finite shows as nan
+            with run_directory.disk_full_explained(output_dir, "the TensorBoard logs"):
+                accelerator.log(logs, step=progress.global_step)
 
             last = progress.global_step == max_train_steps
             if progress.global_step % args.checkpointing_steps == 0 or last:
                 saved = checkpoints.save_checkpoint(
                     accelerator, output_dir, progress, args.checkpoints_total_limit, run_config
                 )
-                logger.info(f"Saved {saved}")
+                logger.info(
+                    f"Saved {saved}: update {progress.global_step} of {max_train_steps}, loss {logs['loss']:.4f}"
+                )
             if progress.global_step % args.validation_steps == 0 or last:
                 validate(model, progress.global_step)
             if progress.global_step >= max_train_steps:
                 break
         if progress.global_step >= max_train_steps:
             break
-
-    check_replicas_identical(accelerator, trainable)
-    logger.info(f"Trainable weights are bit-identical on all {accelerator.num_processes} process(es)")
-    if accelerator.is_main_process:
-        with run_directory.disk_full_explained(output_dir, "the final weights", f"checkpoint-{progress.global_step}"):
-            run_directory.save_trained(output_dir, accelerator.unwrap_model(model), lora_config)
-            run_directory.write_run_summary(output_dir, {**run_config, "trained_steps": progress.global_step})
-        logger.info(f"Wrote adapter, LoRA, config and model card to {output_dir}")
-    accelerator.end_training()
+    bar.close()
 
 
 def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from pixcell_ext.runtime import check_process_group
+
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -283,15 +323,16 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
         ),
     )
     check_process_group(accelerator)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    setup_logging(accelerator.process_index, accelerator.num_processes)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
 
 
-def load_index(args: argparse.Namespace, accelerator: Accelerator) -> data.ImageFolderIndex:
-    """Every image checked (and hashed) before any model loads; bad files are named."""
+def load_index(args: argparse.Namespace, accelerator: Accelerator) -> tuple[data.ImageFolderIndex, list[str]]:
+    """Every image checked and hashed before any model loads: bad files are named, copies warned about."""
+    from pixcell_ext import data
+
     if args.dataset_name:
         index = data.load_hub_dataset(
             args.dataset_name,
@@ -309,12 +350,22 @@ def load_index(args: argparse.Namespace, accelerator: Accelerator) -> data.Image
     logger.info(f"Data: {len(index.records)} tiles in {len(index.class_names)} classes {index.counts()}")
     if index.skipped:
         logger.warning(f"Skipped {len(index.skipped)} unusable images (listed above).")
-    return index
+    digests = data.tile_digests(index, accelerator)
+    copies = data.duplicate_tiles(index, digests)
+    if copies:
+        logger.warning(
+            f"{sum(len(c) - 1 for c in copies)} tile(s) repeat the bytes of another, e.g. "
+            f"{' = '.join(map(str, copies[0][:3]))}: each copy is trained on again (and copies filed under two classes "
+            "contradict each other). Remove the copies unless the repetition is intended."
+        )
+    return index, digests
 
 
 def finish_if_complete(accelerator: Accelerator, checkpoint: Path, output_dir: Path, max_train_steps: int) -> bool:
     """A resubmitted run that already made its last update trains nothing (not step N+1): it only writes the final
     outputs a kill after the last checkpoint left missing."""
+    from pixcell_ext.training import checkpoints
+
     done = checkpoints.read_progress(checkpoint).global_step
     if done < max_train_steps:
         return False
@@ -330,6 +381,9 @@ def finish_if_complete(accelerator: Accelerator, checkpoint: Path, output_dir: P
 def load_frozen_models(args: argparse.Namespace, accelerator: Accelerator) -> tuple[networks.PixCellStack, int]:
     """PixCell, the VAE (decoder only when training from the cache) and UNI2-h (not at all then), in the compute
     dtype of the mixed-precision mode; and the tile resolution."""
+    from pixcell_ext.model import networks
+    from pixcell_ext.runtime import weight_dtype
+
     dtype, use_cache = weight_dtype(accelerator), args.feature_cache is not None
     stack = networks.load_pixcell_stack(
         args.pretrained_model_name_or_path,
@@ -358,6 +412,10 @@ def model_configs(
     args: argparse.Namespace, transformer_config, class_names: list[str]
 ) -> tuple[LoRAConfig, AdapterConfig]:
     """The LoRA and adapter configurations the flags describe."""
+    from pixcell_ext.model.adapter import AdapterConfig
+    from pixcell_ext.model.lora import LoRAConfig, alpha_or_rank
+    from pixcell_ext.model.lora_targets import block_rank_pattern, parse_block_spec
+
     num_layers = transformer_config.num_layers
     lora_config = LoRAConfig(
         rank=args.lora_rank,
@@ -379,14 +437,20 @@ def model_configs(
     return lora_config, adapter_config
 
 
-def training_dataset(args: argparse.Namespace, accelerator: Accelerator, index, resolution: int):
+def training_dataset(args: argparse.Namespace, accelerator: Accelerator, index, digests: list[str], resolution: int):
     """Tiles decoded on the fly, or their cached VAE/UNI2-h features (the cache is filled first where incomplete)."""
+    from pixcell_ext import data
+    from pixcell_ext.model import networks
+    from pixcell_ext.runtime import weight_dtype
+    from pixcell_ext.training import feature_cache
+
     if args.feature_cache is None:
         return data.TileDataset(index, resolution)
     dtype, cache = weight_dtype(accelerator), feature_cache.FeatureCache(args.feature_cache)
     keys = feature_cache.build_feature_cache(
         accelerator,
         index,
+        digests,
         cache,
         vae_identity=feature_cache.model_identity(args.vae_name_or_path),
         uni_identity=feature_cache.model_identity(args.uni_model_name_or_path),
@@ -404,6 +468,8 @@ def training_dataset(args: argparse.Namespace, accelerator: Accelerator, index, 
 
 def training_dataloader(args: argparse.Namespace, dataset, index, stack, resolution: int, noise_scheduler):
     """Each sample carries its step randomness, drawn in the loader workers from (seed, epoch, index)."""
+    from pixcell_ext.training import loop
+
     spec = loop.step_randomness_spec(
         stack.transformer,
         stack.vae,
@@ -425,6 +491,10 @@ def training_dataloader(args: argparse.Namespace, dataset, index, stack, resolut
 
 def validation_panels(args: argparse.Namespace, accelerator: Accelerator, index, dataset, stack, resolution: int):
     """`validate(model, step)`: a panel of one reference tile per class beside what the model makes from it."""
+    import torch
+
+    from pixcell_ext.training import validation
+
     ids = validation.first_tile_per_class(index)
     embeddings = validation.reference_embeddings(dataset, ids, stack.uni, accelerator.device)
     references = validation.reference_tiles(index, ids, resolution)
@@ -459,10 +529,12 @@ def log_plan(
     model: torch.nn.Module,
     checkpoint: Path | None,
     progress: checkpoints.TrainingProgress,
-    max_train_steps: int,
-    num_epochs: int,
-    updates_per_epoch: int,
+    schedule: tuple[int, int, int],
 ) -> None:
+    """What will be trained, in words: `schedule` is (updates, epochs, updates per epoch)."""
+    from pixcell_ext.model.lora import lora_parameters
+
+    max_train_steps, num_epochs, updates_per_epoch = schedule
     if checkpoint is not None:
         logger.info(f"Resumed from {checkpoint}: step {progress.global_step}, epoch {progress.epoch}")
     elif args.resume_from_checkpoint:
@@ -475,10 +547,14 @@ def log_plan(
     logger.info(f"Trainable: adapter {adapter_size:,} + LoRA {lora_size:,} parameters; frozen transformer {frozen:,}")
     logger.info(
         f"Training: {accelerator.num_processes} process(es), {args.train_batch_size} per process x "
-        f"{args.gradient_accumulation_steps} accumulation = {total_batch} tiles per update; "
-        f"{max_train_steps} updates over {num_epochs} epoch(s) of {updates_per_epoch}"
+        f"{args.gradient_accumulation_steps} accumulation = {total_batch} tiles per update; {max_train_steps} "
+        f"updates in all, {_count(updates_per_epoch, 'update')} per epoch, so {_count(num_epochs, 'epoch')}"
     )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 if __name__ == "__main__":
-    run_main(main, parse_args())
+    run_main(parse_args, main)

@@ -14,6 +14,8 @@ for the VAE, which sees [-1, 1]. Both are carried as uint8 and converted on the 
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import io
 import logging
@@ -28,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
-from tqdm.auto import tqdm
 
+from pixcell_ext.console import progress_bar
 from pixcell_ext.errors import ExplainedError
 from pixcell_ext.seeding import derived_seed
 
@@ -123,8 +125,13 @@ def split_map(accelerator: Accelerator | None, fn: Callable[[int], Any], count: 
     from accelerate.utils import gather_object
 
     def compute(ids: list[int], quiet: bool) -> list:
+        values = []
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            return list(tqdm(pool.map(fn, ids), total=len(ids), desc=desc, disable=quiet or count < 1000))
+            with progress_bar(len(ids), desc, enabled=not quiet and count >= 1000) as bar:
+                for value in pool.map(fn, ids):
+                    values.append(value)
+                    bar.update(1)
+        return values
 
     if accelerator is None or accelerator.num_processes == 1:
         return compute(list(range(count)), quiet=False)
@@ -165,6 +172,42 @@ def check_images(index: ImageFolderIndex, *, skip_bad_images: bool, accelerator:
 def _hidden(name: str) -> bool:
     """Names `datasets` leaves out of a folder: dot-files (macOS `._*`, `.DS_Store`) and `__*` (`__MACOSX`)."""
     return name.startswith((".", "__"))
+
+
+def _check_link(path: Path, root: Path) -> None:
+    """A symlinked class folder or tile is followed (splits are assembled that way on clusters), but a link that
+    loops (onto itself, or onto the data folder or one above it) would make the class silently empty."""
+    if not path.is_symlink():
+        return
+    fix = "Point the link at a folder of tiles (or at a tile), or remove it."
+    try:
+        target = path.resolve(strict=True)
+    except RuntimeError as error:  # how Python before 3.13 reports a loop
+        raise DataError(f"'{path}' is a symlink loop ({error}). {fix}") from error
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise DataError(f"'{path}' is a symlink loop ({error.strerror}). {fix}") from error
+        return  # a dangling link: reported like any missing class folder or unreadable tile
+    if target.is_dir() and (target == root.resolve() or target in root.resolve().parents):
+        raise DataError(f"'{path}' is a symlink loop: it points to '{target}', which holds the data folder. {fix}")
+
+
+def _class_patterns(root: Path, class_names: list[str]) -> list[str]:
+    """One `datasets` pattern per class folder that holds an image: `*/*` would not enter a symlinked class folder,
+    and a pattern without a match would fail the whole load instead of naming its class."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    patterns = []
+    for name in class_names:
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        images = [p for p in folder.iterdir() if not _hidden(p.name) and p.suffix.lower() in ImageFolder.EXTENSIONS]
+        for path in images:
+            _check_link(path, root)
+        if images:
+            patterns.append(f"{glob.escape(name)}/*")
+    return patterns
 
 
 def _load(accelerator: Accelerator | None, load: Callable[[], datasets.Dataset]) -> datasets.Dataset:
@@ -210,7 +253,10 @@ def scan_image_folder(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"Data directory '{root}' does not exist or is not a directory.")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
+    entries = [p for p in root.iterdir() if not _hidden(p.name)]
+    for entry in entries:
+        _check_link(entry, root)
+    found = sorted(p.name for p in entries if p.is_dir())
     class_names = list(classes) if classes else found
     if not class_names:
         raise DataError(
@@ -226,7 +272,7 @@ def scan_image_folder(
             return datasets.load_dataset(
                 "imagefolder",
                 data_dir=str(root),
-                data_files={"train": "*/*"},
+                data_files={"train": patterns},
                 split="train",
                 drop_labels=False,
                 drop_metadata=True,
@@ -235,7 +281,10 @@ def scan_image_folder(
             if not quiet:
                 datasets.utils.enable_progress_bars()
 
+    patterns = _class_patterns(root, class_names)
     try:
+        if not patterns:
+            raise FileNotFoundError(root)
         dataset = _load(accelerator, load)
     except (FileNotFoundError, ValueError):  # no image in any class folder: reported per class below
         records = []
@@ -342,6 +391,26 @@ def file_digest(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def tile_digests(index: ImageFolderIndex, accelerator: Accelerator | None = None) -> list[str]:
+    """SHA-256 of every tile's bytes (`ImageFolderIndex.digest`), split across processes, in index order."""
+    return split_map(accelerator, index.digest, len(index.records), desc="hashing")
+
+
+def content_fingerprint(index: ImageFolderIndex, digests: list[str]) -> str:
+    """One hash of what a run trains on: every tile's bytes with its class, in order. A resumed run compares it,
+    because a folder's name says nothing about what is in it now."""
+    lines = "\n".join(f"{index.class_names[r.label]}\t{d}" for r, d in zip(index.records, digests, strict=True))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def duplicate_tiles(index: ImageFolderIndex, digests: list[str]) -> list[list[Path | str]]:
+    """Groups of tiles with identical bytes: each copy weighs in again, and copies in two classes contradict."""
+    groups: dict[str, list[Path | str]] = {}
+    for i, digest in enumerate(digests):
+        groups.setdefault(digest, []).append(index.name(i))
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def center_square(image: Image.Image) -> Image.Image:

@@ -9,6 +9,7 @@ writer's leftover from a live one's (see `remove_stale_temporaries`).
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -29,12 +30,21 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _file_mode() -> int:
+    """What `open` gives a new file under the process's umask (0644 usually). Some writers (safetensors) create
+    0600 files, which others on shared storage could not read beside the 0644 files of the same run."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _replace_file(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """`write(tmp)` fills the temporary; it is flushed and renamed over `path`, or removed if anything fails."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
@@ -64,9 +74,16 @@ def save_safetensors_atomically(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
     """`safetensors.torch.save_file`, but complete or absent (adapters, LoRA weights and feature shards)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    _replace_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    try:
+        _replace_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except SafetensorError as error:
+        if "os error 28" not in str(error):
+            raise
+        # safetensors reports a full disk as its own error type: say it the way every other writer does
+        raise OSError(errno.ENOSPC, f"No space left on device writing '{path}'") from error
 
 
 def _pid_alive(pid: int) -> bool:

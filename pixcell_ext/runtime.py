@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 from accelerate import Accelerator
 
 from pixcell_ext.errors import ExplainedError
+
+
+class RunStopped(RuntimeError, ExplainedError):
+    """The launch or the run cannot go on; the message says why and what to change."""
 
 
 def check_process_group(accelerator: Accelerator) -> None:
@@ -20,7 +23,7 @@ def check_process_group(accelerator: Accelerator) -> None:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and accelerator.num_processes != world_size:
-        raise RuntimeError(
+        raise RunStopped(
             f"The launcher started {world_size} processes (WORLD_SIZE={world_size}) but Accelerate sees "
             f"{accelerator.num_processes} in its process group, so every process would train on its own. "
             "On a machine without GPUs set ACCELERATE_USE_CPU=true (or use --config_file "
@@ -58,11 +61,3 @@ def apply_gradient_clipping_to_deepspeed(accelerator: Accelerator, max_grad_norm
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
-
-
-def run_main(main, args) -> None:
-    """Run a script's `main`; errors whose message already says what to do are printed without a traceback."""
-    try:
-        main(args)
-    except ExplainedError as error:
-        sys.exit(f"error: {error}")

@@ -58,8 +58,9 @@ def free_port() -> int:
 
 
 def launch_command(num_processes: int, script: str, *args: str) -> list[str]:
-    """`python -m accelerate.commands.launch`: the console script imports timm, this does not."""
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    """`python -m accelerate.commands.launch --quiet` (the README's $LAUNCH): the console script imports timm, this
+    does not; `--quiet` keeps the launcher from adding a traceback to the scripts' one-sentence errors."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
     if num_processes > 1:
         command += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
     else:

@@ -12,7 +12,8 @@ from pixcell_ext import NCT_CLASSES
 from pixcell_ext.generation import manifest
 from pixcell_ext.model.adapter import ADAPTER_FILE, AdapterConfig, UNIAdapter, load_adapter
 from pixcell_ext.model.conditioning import AdaptedPixCell
-from pixcell_ext.model.lora import LoRAConfig, block_rank_pattern, inject_lora, lora_layers
+from pixcell_ext.model.lora import LoRAConfig, inject_lora, lora_layers
+from pixcell_ext.model.lora_targets import block_rank_pattern
 from pixcell_ext.model.networks import load_transformer
 from pixcell_ext.training.loop import build_adapted_model
 from pixcell_ext.training.run_directory import save_trained

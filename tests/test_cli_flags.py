@@ -36,3 +36,10 @@ def test_help_shows_every_default(name, capsys):
     after_flag = " ".join(text.split(f"\n  {flag} ", 1)[1].split()[:12])  # its entry, not the usage line
     assert default in after_flag, after_flag
     assert text.startswith("usage:") and script.__doc__.splitlines()[2] in text  # the docstring kept as written
+
+
+def test_a_help_text_that_names_its_default_gets_no_second_one(capsys):
+    with pytest.raises(SystemExit):
+        train_adapter_lora.parse_args(["--help"])
+    entry = " ".join(capsys.readouterr().out.split("\n  --resolution ", 1)[1].split("\n  --", 1)[0].split())
+    assert entry == "RESOLUTION VAE input size; default: the checkpoint's."

@@ -25,6 +25,7 @@ from PIL import Image
 
 from conftest import REPO, launch_command
 from pixcell_ext import NCT_CLASSES
+from pixcell_ext.console import run_main
 from pixcell_ext.data import DataError
 from pixcell_ext.generation import manifest, pipeline, run_config, work_list
 from pixcell_ext.model import networks
@@ -32,7 +33,6 @@ from pixcell_ext.model.adapter import AdapterConfig, UNIAdapter, save_adapter
 from pixcell_ext.model.conditioning import AdaptedPixCell
 from pixcell_ext.model.lora import LoRAConfig, inject_lora, lora_layers, merge_lora
 from pixcell_ext.model.lora_files import DamagedFileError, LoRAMismatchError
-from pixcell_ext.runtime import run_main
 from pixcell_ext.training import run_directory
 
 sys.path.insert(0, str(REPO))
@@ -201,15 +201,23 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_stack, run_dir, bat
     assert_imagefolder_matches_manifest(output_dir, tmp_path / "cache")
 
 
-def test_missing_class_folder_falls_back_to_unconditional(tiny_stack, run_dir, tmp_path, caplog):
+def test_classes_without_references_are_refused_or_generated_unconditionally_when_allowed(
+    tiny_stack, run_dir, tmp_path, caplog, capsys
+):
     data = tmp_path / "data"
     shutil.copytree(tiny_stack.data, data)
-    shutil.rmtree(data / "MUC")  # missing
+    shutil.rmtree(data / "MUC")  # missing, as a typo in --classes would be
     for path in (data / "NORM").iterdir():  # empty
         path.unlink()
     output_dir = tmp_path / "out"
-    generate(*cli(tiny_stack, run_dir, output_dir, "--reference_data_dir", str(data), "--classes", "ADI", "MUC",
-                  "NORM", "--num_images_per_class", "2"))  # fmt: skip
+    flags = cli(tiny_stack, run_dir, output_dir, "--reference_data_dir", str(data), "--classes", "ADI", "MUC", "NORM",
+                "--num_images_per_class", "2")  # fmt: skip
+    message = user_error(capsys, *flags)
+    assert message.startswith("error: No reference tiles for ['MUC', 'NORM'] in --reference_data_dir")
+    assert "classes with tiles: ['ADI', 'BACK', 'DEB', 'LYM', 'MUS', 'STR', 'TUM']" in message
+    assert "--allow_unconditional" in message and message.count("\n") == 1
+    assert not output_dir.exists()  # refused before the models load or anything is written
+    generate(*flags, "--allow_unconditional")
     rows = {r["file"]: r for r in manifest.read_manifest(output_dir)}
     assert sorted(rows) == [f"{c}/gen_{i:04d}.png" for c in ("ADI", "MUC", "NORM") for i in range(2)]
     unconditional = {f for f, r in rows.items() if (r["conditioning"], r["reference"]) == ("unconditional", "none")}
@@ -346,32 +354,34 @@ def test_lora_dir_of_another_model_is_refused(tiny_stack, run_dir, tmp_path):
         pipeline.load_generation_model(networks.load_transformer(str(tiny_stack.pixcell)), str(wide), "tiny")
 
 
-def user_error(*argv: str) -> str:
-    """What the script prints for a user error: run_main exits with the message, no traceback."""
+def user_error(capsys, *argv: str) -> str:
+    """What the script prints for a user error: run_main exits with status 2 and the message, no traceback."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exited:
-        run_main(generate_synthetic.main, generate_synthetic.parse_args(list(argv)))
-    return str(exited.value.code)
+        run_main(lambda: generate_synthetic.parse_args(list(argv)), generate_synthetic.main)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
 
 
-def test_missing_lora_dir_is_a_sentence_naming_the_flag(tiny_stack, tmp_path):
+def test_missing_lora_dir_is_a_sentence_naming_the_flag(tiny_stack, tmp_path, capsys):
     missing = tmp_path / "no-such-run"
-    message = user_error(*cli(tiny_stack, missing, tmp_path / "out"))
+    message = user_error(capsys, *cli(tiny_stack, missing, tmp_path / "out"))
     assert message.startswith("error: --lora_dir") and f"'{missing}' does not exist" in message
     assert "--output_dir of a train_adapter_lora.py run" in message
     assert not (tmp_path / "out").exists()
     weights_file = tmp_path / "pytorch_lora_weights.safetensors"  # the file instead of its folder
     weights_file.write_bytes(b"")
-    message = user_error(*cli(tiny_stack, weights_file, tmp_path / "out"))
+    message = user_error(capsys, *cli(tiny_stack, weights_file, tmp_path / "out"))
     assert f"--lora_dir '{weights_file}' is a file, not a folder" in message
 
 
 @pytest.mark.parametrize("name", [run_directory.LORA_FILE, "adapter.safetensors"])
-def test_truncated_weights_file_is_named_as_damaged_not_as_another_model(tiny_stack, run_dir, tmp_path, name):
+def test_truncated_weights_file_is_named_as_damaged_not_as_another_model(tiny_stack, run_dir, tmp_path, name, capsys):
     damaged_run = tmp_path / "run"
     shutil.copytree(run_dir, damaged_run)
     data = (damaged_run / name).read_bytes()
     (damaged_run / name).write_bytes(data[: len(data) // 2])  # a copy cut short
-    message = user_error(*cli(tiny_stack, damaged_run, tmp_path / "out"))
+    message = user_error(capsys, *cli(tiny_stack, damaged_run, tmp_path / "out"))
     assert message.startswith(f"error: '{damaged_run / name}' is damaged or incomplete")
     assert "copy it again" in message and "--pretrained_model_name_or_path" not in message
     # The library path (no early check) says the same, not "pass the model the run was trained on".

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO, launch_command
-from pixcell_ext.data import DataError, scan_image_folder
+from pixcell_ext.data import DataError, scan_image_folder, tile_digests
 from pixcell_ext.stacks.tiny import write_tiny_dataset
 from pixcell_ext.training import feature_cache
 
@@ -278,7 +278,7 @@ def test_changing_one_image_invalidates_exactly_its_cache_entry(tiny_stack, tmp_
 
     def build(index, cache):
         return feature_cache.build_feature_cache(
-            accelerator, index, cache, vae_identity="vae", uni_identity="uni", resolution=64,
+            accelerator, index, tile_digests(index), cache, vae_identity="vae", uni_identity="uni", resolution=64,
             load_encoders=load_encoders, batch_size=8,
         )  # fmt: skip
 
@@ -314,7 +314,8 @@ def test_features_encoded_in_bf16_are_not_reused_by_an_fp32_run(tiny_stack, tmp_
             return load_vae(str(tiny_stack.vae), dtype=dtype), load_uni(str(tiny_stack.uni), dtype=dtype)
 
         return feature_cache.build_feature_cache(
-            accelerator, index, feature_cache.FeatureCache(tmp_path / "cache"), vae_identity="vae", uni_identity="uni",
+            accelerator, index, tile_digests(index), feature_cache.FeatureCache(tmp_path / "cache"), vae_identity="vae",
+            uni_identity="uni",
             resolution=64, load_encoders=load_encoders, batch_size=12, dtype=dtype,
         )  # fmt: skip
 

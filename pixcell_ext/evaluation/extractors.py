@@ -182,10 +182,26 @@ def _is_torchscript(path: str) -> bool:
     return True
 
 
+def _inception_download_refused() -> bool:
+    """Offline (HF_HUB_OFFLINE=1, which the user sets to mean "no network") with the weights not in the torch hub
+    cache: trying the download would only print a URL and fail."""
+    from huggingface_hub import constants
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1]
+    return constants.HF_HUB_OFFLINE and not cached.is_file()
+
+
 def _load_torchmetrics_inception(device: torch.device) -> Callable[[Tensor], Tensor]:
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
 
+        if _inception_download_refused():
+            raise ExtractorUnavailable(
+                "Inception skipped: offline (HF_HUB_OFFLINE=1) and torchmetrics' FID Inception weights are not in the "
+                "torch hub cache; pass --inception_weights PATH (a TorchScript FID Inception or a torchvision "
+                "inception_v3 state dict), or run once online."
+            )
         network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
     except ImportError as error:
         raise ExtractorUnavailable(
@@ -193,6 +209,8 @@ def _load_torchmetrics_inception(device: torch.device) -> Callable[[Tensor], Ten
             "`pip install -r requirements.txt`, or pass --inception_weights PATH (a TorchScript FID Inception or a "
             "torchvision inception_v3 state dict)."
         ) from error
+    except ExtractorUnavailable:
+        raise
     except Exception as error:  # a failed download: several exception types
         raise ExtractorUnavailable(
             f"Inception skipped: the FID Inception weights could not be downloaded ({type(error).__name__}: {error}). "

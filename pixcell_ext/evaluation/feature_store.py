@@ -17,8 +17,8 @@ import numpy as np
 from accelerate import Accelerator
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from pixcell_ext.console import progress_bar
 from pixcell_ext.data import ImageFolderIndex, load_tile
 from pixcell_ext.evaluation.extractors import FeatureExtractor
 from pixcell_ext.files import write_text_atomically
@@ -100,7 +100,7 @@ def compute_features(
             _Tiles([first_path[d] for d in mine], extractor.image_size), batch_size=batch_size, num_workers=num_workers
         )
         shards = ShardBuffer(store)
-        progress = tqdm(total=len(missing), desc=f"{extractor.name} features", disable=not accelerator.is_main_process)
+        progress = progress_bar(len(missing), f"{extractor.name} features", enabled=accelerator.is_main_process)
         for start, images in zip(range(0, len(mine), batch_size), loader, strict=True):
             shards.add(mine[start : start + len(images)], {"features": extractor.extract(images)})
             progress.update(len(images) * accelerator.num_processes)

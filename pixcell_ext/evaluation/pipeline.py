@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from pixcell_ext.data import load_tile
+from pixcell_ext.data import load_tile, scan_image_folder
 from pixcell_ext.evaluation.distribution import DistributionSettings, per_class_matched_metrics, small_sample_warning
 from pixcell_ext.evaluation.downstream import ProbeSettings, low_data_curve, probe_results
 from pixcell_ext.evaluation.extractors import (
@@ -131,6 +131,19 @@ def dependence_warnings(
     references = manifest.references if manifest else {}
     refs = [references.get(tiles.paths[i].resolve()) for i in rows["synthetic"]]
     found = [NO_MANIFEST_WARNING] if manifest is None else []
+    listed = sum(tiles.paths[i].resolve() in references for i in rows["synthetic"])
+    if manifest is not None and (not listed or manifest.unresolved):
+        found.append(
+            (
+                f"manifest.csv in the synthetic folder lists none of its {len(refs)} tiles"
+                if not listed
+                else f"{len(manifest.unresolved)} references in manifest.csv were not found (e.g. "
+                f"'{manifest.unresolved[0]}')"
+            )
+            + ", so the reference-overlap checks (references inside --real_dir or the probe test set) did not run "
+            "for those tiles. Evaluate the folder generate_synthetic.py wrote, with its references where "
+            "generation_config.json says they are."
+        )
     real_paths = {tiles.paths[i].resolve() for i in rows["real"]}
     from_real = sum(r in real_paths for r in refs if r is not None)
     if from_real:
@@ -151,6 +164,18 @@ def dependence_warnings(
     if copies:
         found.append(f"{copies} synthetic files are byte-identical to real probe test tiles: TSTR is meaningless.")
     return found
+
+
+def missing_class_warning(real_dir: str | os.PathLike, classes: Sequence[str]) -> list[str]:
+    """Real classes absent from the synthetic set would otherwise vanish from 'overall' without a word."""
+    real_classes = scan_image_folder(real_dir, allow_missing_classes=True, verify=False).class_names
+    missing = [name for name in real_classes if name not in classes]
+    if not missing:
+        return []
+    return [
+        f"Real classes {missing} have no synthetic tiles, so every metric, 'overall' included, covers only "
+        f"{list(classes)}. Generate those classes too, or pass --classes to say the subset is intended."
+    ]
 
 
 def extract_features(
@@ -212,9 +237,7 @@ def training_features(
     return features.get(extractor.name), digests
 
 
-def memorisation_extractor(
-    extractors: Sequence[FeatureExtractor], skipped: dict[str, str]
-) -> FeatureExtractor | None:
+def memorisation_extractor(extractors: Sequence[FeatureExtractor], skipped: dict[str, str]) -> FeatureExtractor | None:
     """The space for the memorisation check: an independent encoder when there is one, else UNI2-h (with a note)."""
     available = [e for e in extractors if e.name not in skipped and e.distribution_metrics]
     for prefix in MEMORISATION_SPACES:

@@ -61,13 +61,14 @@ def conditioning_label(item: WorkItem, class_conditioning: bool) -> str:
 
 def manifest_rows(output_dir: Path, items: list[WorkItem], config: dict) -> list[dict]:
     """One row per item whose PNG exists, in (class, index) order; rebuilt from the configuration on every run."""
-    # References may be indexed as absolute paths while the flag was relative (or the reverse): compare resolved.
-    sources, reference_root = config["sources"], Path(config["sources"]["reference_data_dir"]).resolve()
+    # References may be indexed as absolute paths while the flag was relative (or the reverse): compare absolute
+    # paths, without resolving links, so that a tile reached through a symlinked class folder stays under the root.
+    sources, reference_root = config["sources"], Path(os.path.abspath(config["sources"]["reference_data_dir"]))
     rows = []
     for item in sorted(items, key=lambda i: (i.class_name, i.index)):
         if not (output_dir / item.file).exists():
             continue
-        reference = item.reference.resolve() if item.reference else None
+        reference = Path(os.path.abspath(item.reference)) if item.reference else None
         rows.append(
             {
                 "file": item.file,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from pixcell_ext.data import file_digest
 from pixcell_ext.errors import ExplainedError
 from pixcell_ext.files import write_json_atomically
 from pixcell_ext.generation.manifest import DATASET_CARD_FILE, GENERATION_CONFIG_FILE, MANIFEST_FILE, METADATA_FILE
-from pixcell_ext.generation.work_list import reference_identity
+from pixcell_ext.generation.work_list import class_files, default_classes, reference_identity
 from pixcell_ext.model.adapter import ADAPTER_FILE, read_adapter_config
 from pixcell_ext.training.feature_cache import model_identity
 from pixcell_ext.training.run_directory import LORA_FILE
+
+logger = logging.getLogger(__name__)
 
 PIXEL_KEYS = (
     "model",
@@ -84,6 +87,41 @@ def trained_class_names(lora_dir: str | None) -> tuple[str, ...] | None:
         return None
     config = read_adapter_config(Path(lora_dir) / ADAPTER_FILE)
     return config.class_names if config.class_conditioning else None
+
+
+def check_classes(
+    references: dict[str, list[Path]],
+    trained_classes: tuple[str, ...] | None,
+    reference_data_dir: str,
+    *,
+    allow_unconditional: bool,
+) -> None:
+    """Refuse classes the run cannot make what the user expects of: a class a class-conditioned adapter was not
+    trained on, and, without class conditioning, a class without reference tiles (a typo in --classes, or an empty
+    folder), which could only be generated unconditionally: no class at all, under the class's name. The latter is
+    allowed with `allow_unconditional`, and then logged per class."""
+    missing = [name for name, tiles in references.items() if not tiles]
+    if trained_classes is not None:
+        unknown = sorted(set(references) - set(trained_classes))
+        if unknown:
+            raise GenerationConfigError(
+                f"--lora_dir was trained with class conditioning on {list(trained_classes)}; it cannot generate "
+                f"{unknown}. Pass --classes from that list."
+            )
+        fallback = "its class embedding alone (conditioning=class-only)"
+    elif missing and not allow_unconditional:
+        available = class_files(reference_data_dir, default_classes(reference_data_dir))
+        known = [name for name, tiles in available.items() if tiles]
+        raise GenerationConfigError(
+            f"No reference tiles for {missing} in --reference_data_dir '{reference_data_dir}' (classes with tiles: "
+            f"{known}), and the adapter was not trained with --class_conditioning, so these would be generated "
+            "unconditionally, not as their class. Fix --classes, add reference tiles, or pass --allow_unconditional "
+            "to generate them unconditionally."
+        )
+    else:
+        fallback = "the adapted unconditional embedding (conditioning=unconditional)"
+    for name in missing:
+        logger.warning(f"{name}: no reference tiles in '{reference_data_dir}/{name}'; generating from {fallback}.")
 
 
 def existing_config(output_dir: Path) -> dict | None:

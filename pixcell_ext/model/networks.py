@@ -25,12 +25,10 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from torch import nn
 
+from pixcell_ext import PIXCELL_256_ID, SAMPLER_NAMES, SD35_VAE_ID, UNI2H_ID
 from pixcell_ext.data import UNI_IMAGE_SIZE
 from pixcell_ext.errors import ExplainedError
 
-PIXCELL_256_ID = "StonyBrook-CVLab/PixCell-256"
-SD35_VAE_ID = "stabilityai/stable-diffusion-3.5-large"
-UNI2H_ID = "hf-hub:MahmoodLab/UNI2-h"
 UNI2H_ARCHITECTURE = "vit_giant_patch14_224"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -252,7 +250,7 @@ def training_scheduler(scheduler_config: dict) -> DDPMScheduler:
     return DDPMScheduler.from_config(config)
 
 
-SAMPLERS = {"dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "ddpm": DDPMScheduler}
+SAMPLERS = dict(zip(SAMPLER_NAMES, (DPMSolverMultistepScheduler, EulerDiscreteScheduler, DDPMScheduler), strict=True))
 
 
 def sampling_scheduler(scheduler_config: dict, kind: str = "dpm"):

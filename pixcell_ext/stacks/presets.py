@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pixcell_ext import PIXCELL_256_ID, SD35_VAE_ID, UNI2H_ID
 from pixcell_ext.stacks.mini import MINI_RESOLUTION, MiniStack, mini_models
 
 if TYPE_CHECKING:  # the tiny stack's builder is imported only when --preset tiny is chosen
@@ -152,13 +153,19 @@ EVALUATION_PRESETS = {"mini": mini_evaluation, "tiny": tiny_evaluation}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every flag's default (also for flags without a help text)."""
+    """The module docstring as written, and every flag's default (also for flags without a help text), once: a help
+    text that already says its default ("default: the checkpoint's") gets no second "(default: None)"."""
 
     def _format_action(self, action: argparse.Action) -> str:
         if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
             action = copy.copy(action)
             action.help = "(default: %(default)s)"
         return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "default" in action.help.lower():
+            return action.help
+        return super()._get_help_string(action)
 
 
 def make_parser(description: str | None) -> argparse.ArgumentParser:
@@ -187,13 +194,11 @@ def parse_with_preset(
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The frozen models, by hub id or local folder, as every script names them."""
-    from pixcell_ext.model import networks
-
     group = parser.add_argument_group("models")
-    group.add_argument("--pretrained_model_name_or_path", default=networks.PIXCELL_256_ID)
+    group.add_argument("--pretrained_model_name_or_path", default=PIXCELL_256_ID)
     group.add_argument("--revision", default=None)
-    group.add_argument("--vae_name_or_path", default=networks.SD35_VAE_ID, help="Folder or hub id holding vae/.")
-    group.add_argument("--uni_model_name_or_path", default=networks.UNI2H_ID, help="hf-hub:id, a folder or a file.")
+    group.add_argument("--vae_name_or_path", default=SD35_VAE_ID, help="Folder or hub id holding vae/.")
+    group.add_argument("--uni_model_name_or_path", default=UNI2H_ID, help="hf-hub:id, a folder or a file.")
 
 
 def add_preset_arguments(parser: argparse.ArgumentParser, presets: dict) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,10 +19,9 @@ from accelerate import Accelerator
 from pixcell_ext.files import replace_folder, write_bytes_atomically, write_json_atomically
 from pixcell_ext.model.adapter import ADAPTER_FILE
 from pixcell_ext.training import run_directory
-from pixcell_ext.training.run_directory import CONFIG_FILE
+from pixcell_ext.training.run_directory import CONFIG_FILE, complete_checkpoints
 
 STATE_FILE = "training_state.json"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -36,15 +34,6 @@ class TrainingProgress:
     skipped_steps: int = 0
 
 
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
 def resolve_checkpoint(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
     """`latest` -> newest complete checkpoint (None when there is none yet); a path -> that checkpoint, checked."""
     if not resume_from:
@@ -54,7 +43,7 @@ def resolve_checkpoint(output_dir: str | os.PathLike, resume_from: str | None) -
         return checkpoints[-1] if checkpoints else None
     path = Path(resume_from)
     if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(
+        raise run_directory.RunDirectoryError(
             f"--resume_from_checkpoint '{path}' is not a complete checkpoint (no {STATE_FILE}). "
             f"Complete ones in {output_dir}: {[p.name for p in complete_checkpoints(output_dir)] or 'none'}."
         )
@@ -75,9 +64,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    last = complete_checkpoints(output_dir)
     try:
-        with run_directory.disk_full_explained(output_dir, final.name, last[-1].name if last else None):
+        with run_directory.disk_full_explained(output_dir, final.name):
             accelerator.save_state(str(partial))
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -146,6 +134,27 @@ def check_resumable(checkpoint: Path, flags: dict) -> None:
                 f"asks for --{flag} {_shown(now)}. Resume with --{flag} {_shown(then)}, or start a new run in another "
                 "--output_dir (or with --overwrite)."
             )
+
+
+def earlier_data(checkpoint: Path, run_config: dict, allow_other_data: bool) -> list[dict]:
+    """The data the run was trained on before this resume, when it differs from `run_config`'s; [] when it is the
+    same. Another dataset under the same folder name (or another folder) would otherwise be trained on silently and
+    `training_config.json` would name only the last one, so it is refused unless `allow_other_data` says so."""
+    recorded = run_directory.read_training_config(checkpoint)
+    history = recorded.get("earlier_data", [])
+    if recorded.get("data_sha256") in (None, run_config["data_sha256"]):
+        return history  # the same tiles (or a checkpoint written before checkpoints recorded their data)
+    then = recorded.get("train_data_dir") or recorded.get("dataset_name")
+    now = run_config.get("train_data_dir") or run_config.get("dataset_name")
+    if not allow_other_data:
+        raise run_directory.RunDirectoryError(
+            f"{checkpoint.name} in '{checkpoint.parent}' was trained on other data ('{then}', content hash "
+            f"{recorded['data_sha256'][:12]}) than this run's ('{now}', {run_config['data_sha256'][:12]}). Resume with "
+            "the same data, or pass --allow_other_data if continuing on new data is intended (training_config.json "
+            "then records both)."
+        )
+    step = read_progress(checkpoint).global_step
+    return [*history, {"data": then, "data_sha256": recorded["data_sha256"], "until_step": step}]
 
 
 def _shown(value) -> str:

@@ -20,8 +20,8 @@ import torch
 from accelerate import Accelerator
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
+from pixcell_ext.console import progress_bar
 from pixcell_ext.data import ImageFolderIndex, TileDataset, dihedral, file_digest, split_map, vae_input
 from pixcell_ext.files import save_safetensors_atomically
 from pixcell_ext.model.networks import AutoencoderKL, UNIEncoder, encode_latent_distribution, posterior_latents
@@ -141,6 +141,7 @@ class CachedFeatureDataset(Dataset):
 def build_feature_cache(
     accelerator: Accelerator,
     index: ImageFolderIndex,
+    digests: list[str],
     cache: FeatureCache,
     *,
     vae_identity: str,
@@ -151,11 +152,11 @@ def build_feature_cache(
     num_workers: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> list[str]:
-    """Fill the cache for every image of `index`, the missing entries split across processes; returns the keys.
+    """Fill the cache for every image of `index` (`digests`: its `tile_digests`), the missing entries split across
+    processes; returns the keys.
 
     `load_encoders()` returns (vae, uni) in `dtype` on the device and is called only when something is missing.
     """
-    digests = split_map(accelerator, index.digest, len(index.records), desc="hashing")
     keys = entry_keys(digests, vae_identity, uni_identity, resolution, dtype)
     missing = sorted({key: i for i, key in enumerate(keys) if key not in cache.rows}.values())
     if missing:
@@ -176,7 +177,7 @@ def _encode_into_cache(accelerator, index, keys, missing, cache, vae, uni, resol
     mine = missing[accelerator.process_index :: accelerator.num_processes]
     loader = DataLoader(Subset(TileDataset(index, resolution), mine), batch_size=batch_size, num_workers=num_workers)
     shards = ShardBuffer(cache)
-    progress = tqdm(total=len(missing), desc="caching features", disable=not accelerator.is_main_process)
+    progress = progress_bar(len(missing), "caching features", enabled=accelerator.is_main_process)
     for batch in loader:
         tensors = cache_entries(
             vae, uni, batch["uni_pixels"].to(accelerator.device), batch["vae_pixels"].to(accelerator.device)

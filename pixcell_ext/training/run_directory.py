@@ -29,6 +29,7 @@ CONFIG_FILE = "training_config.json"
 MODEL_CARD_FILE = "README.md"
 # Complete checkpoints and the partial folders of interrupted saves (see checkpoints.py).
 CHECKPOINT_NAME = re.compile(r"^(checkpoint-\d+|\.checkpoint-\d+\.partial)$")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def save_trained(directory: str | os.PathLike, model: AdaptedPixCell, lora_config: LoRAConfig) -> None:
@@ -186,20 +187,47 @@ def claim_output_dir(directory: Path, *, resuming: bool, overwrite: bool, loggin
                 path.unlink()
 
 
+FULL_DISK_FREE_BYTES = 1 << 20
+"""Below this much free space, a failed write is taken for a full disk even when the writer did not say so
+(`torch.save`, which accelerate uses for the optimiser state, reports it as an unrelated-looking RuntimeError)."""
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def _disk_full(error: Exception, directory: Path) -> bool:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(directory).free < FULL_DISK_FREE_BYTES
+    except OSError:
+        return False
+
+
 @contextmanager
-def disk_full_explained(directory: Path, what: str, last_complete: str | None):
-    """A full disk is the common failure of a long run's saves; say so instead of showing an OSError traceback."""
+def disk_full_explained(directory: Path, what: str, flag: str = "--output_dir", *, training: bool = True):
+    """A full disk is the common failure of long runs' saves; say so in one sentence naming the folder and what
+    the rerun starts from (for a training run, the last complete checkpoint), instead of showing a traceback."""
     try:
         yield
-    except OSError as error:
-        if error.errno != errno.ENOSPC:
+    except Exception as error:
+        if not _disk_full(error, directory):
             raise
-        raise RunDirectoryError(
-            f"The disk holding --output_dir '{directory}' is full: {what} could not be written. "
-            + (
-                f"The last complete checkpoint, {last_complete}, is intact: free some space, then resubmit the same "
+        last = complete_checkpoints(directory) if training else []
+        if not training:
+            then = "Free some space and run the same command again: it keeps what is complete."
+        elif last:
+            then = (
+                f"The last complete checkpoint, {last[-1].name}, is intact: free some space, then resubmit the same "
                 "command with --resume_from_checkpoint latest."
-                if last_complete
-                else "No checkpoint was complete yet: free some space and start the run again."
             )
-        ) from error
+        else:
+            then = "No checkpoint was complete yet: free some space and start the run again."
+        full = f"The disk holding {flag} '{directory}' is full: {what} could not be written."
+        raise RunDirectoryError(f"{full} {then}") from error

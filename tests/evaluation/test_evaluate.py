@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import REPO
+from pixcell_ext.arguments import ArgumentError
 from pixcell_ext.data import DataError, scan_image_folder
 from pixcell_ext.evaluation import pipeline
 from pixcell_ext.evaluation.distribution import matched_metrics
@@ -329,7 +330,7 @@ def test_clear_errors_for_bad_folders(real_dir, timm_weights, tmp_path):
         _run([*base, "--real_dir", str(real_dir), "--synthetic_dir", str(synthetic)])
     with pytest.raises(SystemExit):
         evaluate_synthetic.parse_args(["--real_dir", str(real_dir)])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ArgumentError, match="--lpips_backbone 'nope.pth' is not a file"):
         evaluate_synthetic.parse_args(
             [*base, "--real_dir", ".", "--synthetic_dir", ".", "--lpips_backbone", "nope.pth"]
         )
@@ -358,6 +359,7 @@ def test_timm_encoder_refuses_missing_or_mismatched_weights_and_keys_its_preproc
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_inception_formats_and_offline_skip(tmp_path, monkeypatch):
+    import huggingface_hub.constants
     import torchmetrics.image.fid
     from torchvision.models import inception_v3
 
@@ -385,6 +387,7 @@ def test_inception_formats_and_offline_skip(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("no network")
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the network fails without being told
     monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", offline)
     with pytest.raises(pipeline.ExtractorUnavailable, match="offline, pass --inception_weights PATH"):
         pipeline.inception_extractor(None).load()
@@ -394,6 +397,17 @@ def test_inception_formats_and_offline_skip(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", not_installed)
     with pytest.raises(pipeline.ExtractorUnavailable, match="pip install -r requirements.txt"):
+        pipeline.inception_extractor(None).load()
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("HF_HUB_OFFLINE=1: no download may be tried")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", no_download)
+    with pytest.raises(
+        pipeline.ExtractorUnavailable, match=r"offline \(HF_HUB_OFFLINE=1\) and .* not in the torch hub"
+    ):
         pipeline.inception_extractor(None).load()
 
 

@@ -11,7 +11,8 @@ from conftest import REPO, adapted_model
 from pixcell_ext.model import networks
 from pixcell_ext.model.attention import SingleTokenCrossAttnProcessor, check_lora_targets, install_standard_attention
 from pixcell_ext.model.conditioning import AdaptedPixCell
-from pixcell_ext.model.lora import DEFAULT_TARGET_MODULES, lora_parameters
+from pixcell_ext.model.lora import lora_parameters
+from pixcell_ext.model.lora_targets import DEFAULT_TARGET_MODULES
 from pixcell_ext.model.sampling import sample_latents_cfg
 from pixcell_ext.stacks.tiny import TINY_UNI_WIDTH
 

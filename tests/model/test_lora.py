@@ -13,18 +13,16 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pixcell_ext.model.lora import (
-    DEFAULT_TARGET_MODULES,
-    OPTIONAL_TARGET_MODULES,
     LoRAConfig,
     LoRALinear,
     inject_lora,
     lora_layers,
     lora_parameters,
     merge_lora,
-    parse_block_spec,
     unmerge_lora,
 )
 from pixcell_ext.model.lora_files import DamagedFileError, LoRAMismatchError, load_lora, read_lora_config, save_lora
+from pixcell_ext.model.lora_targets import DEFAULT_TARGET_MODULES, OPTIONAL_TARGET_MODULES, parse_block_spec
 
 NUM_BLOCKS = 3
 

@@ -43,7 +43,7 @@ def test_a_full_disk_during_a_checkpoint_is_explained_and_the_last_one_kept(tmp_
 
 
 def test_other_save_errors_are_not_called_a_full_disk(tmp_path):
-    with pytest.raises(PermissionError), run_directory.disk_full_explained(tmp_path, "x", None):
+    with pytest.raises(PermissionError), run_directory.disk_full_explained(tmp_path, "x"):
         raise PermissionError(errno.EACCES, "Permission denied")
 
 

@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from conftest import REPO, launch_command
-from pixcell_ext.data import scan_image_folder
+from pixcell_ext.data import scan_image_folder, tile_digests
 from pixcell_ext.stacks.tiny import TINY_RESOLUTION
 from pixcell_ext.training import feature_cache
 
@@ -84,9 +84,11 @@ def test_saved_dataset_on_two_processes_with_a_cache_the_folder_reuses(tiny_stac
     def no_encoders():
         raise AssertionError("the folder's tiles should all be in the cache the dataset run built")
 
+    index = scan_image_folder(tiny_stack.data)
     keys = feature_cache.build_feature_cache(
         Accelerator(cpu=True),
-        scan_image_folder(tiny_stack.data),
+        index,
+        tile_digests(index),
         feature_cache.FeatureCache(cache),
         vae_identity=feature_cache.model_identity(str(tiny_stack.vae)),
         uni_identity=feature_cache.model_identity(str(tiny_stack.uni)),
