@@ -2,7 +2,7 @@
 
 Each sub-package raises its own (a bad tile, a gated model, a LoRA that does not fit, a generation folder of another
 configuration, an output folder that cannot be used); deriving them all from one leaf class lets the scripts' shared
-`runtime.run_main` catch them without importing the packages that define them.
+`console.run_main` catch them without importing the packages that define them.
 """
 
 
