@@ -90,8 +90,8 @@ MEMORISATION_SPACES = ("timm:", "inception", "uni")  # preference order: indepen
 NO_TRAINING_NOTE = "Memorisation check skipped: pass --train_data_dir (the generator's training tiles) to run it."
 NO_SPACE_NOTE = "Memorisation check skipped: no feature space with distances (timm, Inception or UNI2-h) loaded."
 NO_HELD_OUT_NOTE = (
-    "Memorisation check skipped: fewer than two real probe test tiles are outside --train_data_dir, so there is no "
-    "held-out scale to compare with (pass a --real_test_dir the generator was not trained on)."
+    "Memorisation check skipped: fewer than two real probe test tiles are outside --train_data_dir (or none of a "
+    "generated class), so there is no held-out scale to compare with (pass a --real_test_dir the generator was not trained on)."
 )
 
 GENERAL_NOTES = [
@@ -256,10 +256,15 @@ def memorisation_section(
     training_paths: Sequence[Path],
     pairs_path: Path,
     *,
+    labels: tuple[Sequence[str], Sequence[str]],
     confidence: float,
 ) -> tuple[dict[str, Any], list[str]]:
-    """The report's ``memorisation`` section, the closest-pairs image, and warnings (copies found, a UNI-only check)."""
-    result = memorisation_check(generated, training, held_out, confidence=confidence)
+    """The report's ``memorisation`` section, the closest-pairs image, and warnings (copies found, a UNI-only check).
+
+    ``labels`` are the (generated, held-out) classes: thresholds are per class (see `memorisation`)."""
+    result = memorisation_check(
+        generated, training, held_out, generated_labels=labels[0], held_out_labels=labels[1], confidence=confidence
+    )
     distances, nearest = result.pop("generated_distances"), result.pop("nearest_training_rows")
     result["feature_space"] = extractor.name
     result["pairs_image"] = str(write_closest_pairs(pairs_path, generated_paths, training_paths, distances, nearest))
@@ -273,8 +278,8 @@ def memorisation_section(
         share = result["possible_copies"]["value"]
         found.append(
             f"Possible copies of training tiles: {share:.1%} of the generated tiles are closer to a training tile than "
-            f"99 % of held-out real tiles are (about 1 % expected, p = {result['p_value']:.2g}); look at "
-            f"{result['pairs_image']}."
+            f"about 99 % of held-out real tiles of their class are ({result['expected_by_chance']:.1%} expected, "
+            f"exact p = {result['p_value']:.2g}); look at {result['pairs_image']}."
         )
     return result, found
 
@@ -302,7 +307,7 @@ def memorisation_report(
         return {"skipped": NO_SPACE_NOTE}, []
     training_matrix, training_digests = training_features[0], set(training_features[1])
     held_out = [i for i in rows["real_test"] if digests[i] not in training_digests]
-    if len(held_out) < 2:
+    if len(held_out) < 2 or not {tiles.labels[i] for i in held_out} & {tiles.labels[i] for i in rows["synthetic"]}:
         return {"skipped": NO_HELD_OUT_NOTE}, []
     matrix, synthetic = features[extractor.name], list(rows["synthetic"])
     return memorisation_section(
@@ -313,6 +318,7 @@ def memorisation_report(
         [tiles.paths[i] for i in synthetic],
         training.paths,
         pairs_path,
+        labels=([tiles.labels[i] for i in synthetic], [tiles.labels[i] for i in held_out]),
         confidence=confidence,
     )
 

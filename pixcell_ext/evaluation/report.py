@@ -160,7 +160,10 @@ def dataset_card(report: dict[str, Any], provenance: dict[str, Any]) -> str:
         lines += [
             "",
             f"Memorisation ({memorisation['feature_space']} space): possible copies of training tiles "
-            f"{_interval(memorisation['possible_copies'])}, about 1 % expected; flagged: {memorisation['flagged']}.",
+            f"{_interval(memorisation['possible_copies'])}, {memorisation['expected_by_chance']:.1%} expected by chance "
+            f"(thresholds per class at about the 1 % quantile of held-out tiles' distances); exact p-value "
+            f"{memorisation['p_value']:.2g} (Beta-Binomial, which accounts for the thresholds being estimated); "
+            f"flagged: {memorisation['flagged']}.",
         ]
     if report.get("synthetic_is_standin"):
         lines += ["", "This is a STAND-IN set (not generated images): its numbers say nothing about a model."]

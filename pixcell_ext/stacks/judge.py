@@ -1,5 +1,8 @@
 """The independent judge of the mini stack: a small classifier trained on TARGET tiles, never used for conditioning.
 
+Its training tiles come from a toy stream of their own (split ``"judge"``), disjoint from the TARGET train tiles
+the generator adapts on and from every held-out set the benchmarks compare with: the generator never saw them.
+
 It scores the class fidelity of generated tiles (does a tile generated for LYM look like LYM to a model that learnt
 TARGET's classes?) and gives a second feature space for FD/KID that the generator never saw. Saved as a timm state
 dict plus `config.json`, so the evaluation's timm encoder path can read it too (`--timm_encoder <architecture>
@@ -103,10 +106,11 @@ class JudgeConfig:
     learning_rate: float = 3e-3
     stain_jitter: float = 0.05
     blur_sigma: float = 1.5
+    train_split: str = "judge"  # the toy stream; "train" would be the adaptation tiles themselves
 
 
 def build_judge(folder: Path, seed: int, config: JudgeConfig = JudgeConfig()) -> dict:
-    """Train a small timm ResNet on TARGET train tiles at JUDGE_IMAGE_SIZE px; save weights and a config."""
+    """Train a small timm ResNet on TARGET tiles of its own stream at JUDGE_IMAGE_SIZE px; save weights and a config."""
     import timm
     from safetensors.torch import save_file
 
@@ -114,7 +118,7 @@ def build_judge(folder: Path, seed: int, config: JudgeConfig = JudgeConfig()) ->
     from pixcell_ext.stacks.toy_histology import DOMAINS, REFERENCE_SIZE
 
     torch.manual_seed(seed)
-    pixels, labels = toy_arrays("target", "train", config.tiles_per_class, REFERENCE_SIZE, seed)
+    pixels, labels = toy_arrays("target", config.train_split, config.tiles_per_class, REFERENCE_SIZE, seed)
     small = judge_input(pixels, JUDGE_IMAGE_SIZE)  # [0, 1] at the judge's size, resized as load_judge does
     network = timm.create_model(JUDGE_ARCHITECTURE, pretrained=False, num_classes=len(NCT_CLASSES), **JUDGE_MODEL_ARGS)
     mean = torch.tensor(JUDGE_MEAN).view(1, 3, 1, 1)

@@ -27,7 +27,7 @@ from pixcell_ext import NCT_CLASSES
 from pixcell_ext.files import write_folder_once
 
 DOMAINS = ("source", "target")
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "judge")  # "judge": the mini judge's own stream, no other set draws from it
 REFERENCE_SIZE = 224  # morphology below is in pixels of a 224 px tile (0.5 um/px, as NCT); other sizes scale it
 # Structures are drawn this much larger than the sizes written below (and correspondingly fewer), so that nuclei keep
 # a radius of 1.5 px or more in the mini stack's 64 px tiles; lymphocytes then measure ~6 um, about their real size.
