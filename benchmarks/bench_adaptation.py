@@ -2,7 +2,9 @@
 
 At one fixed training budget (in-process, cached features, the package's loss, randomness, LoRA and sampler):
 - base mini PixCell vs adapter only vs LoRA only vs adapter + LoRA: FD/KID in the judge's and in the encoder's
-  feature space, precision/recall, against held-out TARGET tiles;
+  feature space, precision/recall, against held-out TARGET tiles; beside them, as many independent real TARGET tiles
+  (the perfect generator's value at this n) and those tiles passed through the VAE alone (the VAE floor: no latent
+  generator can beat it);
 - class fidelity (the judge's accuracy on generated tiles): reference-conditioned; class-only with class
   conditioning; class-only without it (the unconditional fallback);
 - the class loss on vs off;
@@ -105,9 +107,10 @@ class Study:
         me.save_grid(images, Path(self.args.samples_dir) / f"{name}.png", self.args.images_per_class)
         _, judge_features = self.judge(images)
         encoder_features = self.uni(images).flatten(1).float()
+        labels = {"real_labels": self.heldout.labels, "fake_labels": class_ids}
         return {
-            **me.distribution_scores(self.real_judge, judge_features, "judge", self.args.seed),
-            **me.distribution_scores(self.real_encoder, encoder_features, "encoder", self.args.seed),
+            **me.distribution_scores(self.real_judge, judge_features, "judge", **labels),
+            **me.distribution_scores(self.real_encoder, encoder_features, "encoder", **labels),
             "class_fidelity": me.class_fidelity(self.judge, images, class_ids, self.train.class_names),
         }
 
@@ -118,13 +121,24 @@ LORA = me.Variant("LoRA only", adapter=False)
 
 
 def core(study: Study, results: dict) -> None:
-    rows = {"base": study.scores("base", study.sample(me.base_model(study.stack.pixcell)), study.request.class_ids)}
+    """The four variants, and two references at the same n and class mix: independent real TARGET tiles (test set),
+    and the same tiles through the VAE alone."""
+    real = me.reference_request(study.test, study.args.images_per_class, study.args.seed)
+    rows = {
+        "real (independent)": study.scores("real", study.test.pixels[real.references], real.class_ids),
+        "VAE floor": study.scores(
+            "vae-floor", me.vae_round_trip(study.vae, study.test, real.references), real.class_ids
+        ),
+        "base": study.scores("base", study.sample(me.base_model(study.stack.pixcell)), study.request.class_ids),
+    }
     for variant in (ADAPTER, LORA, BOTH):
         adapted = study.model(variant)
         rows[variant.name] = study.scores(variant.name, study.sample(adapted.model), study.request.class_ids)
         rows[variant.name]["trainable"] = adapted.trainable_adapter + adapted.trainable_lora
         rows[variant.name]["train_seconds"] = study.train_seconds[variant.name]
     results["variants"] = rows
+    results["vae_floor_fd_judge"] = rows["VAE floor"]["fd_judge"]
+    results["vae_floor_fd_encoder"] = rows["VAE floor"]["fd_encoder"]
     results["fd_judge_base"] = rows["base"]["fd_judge"]
     results["fd_judge_adapted"] = rows[BOTH.name]["fd_judge"]
     results["class_fidelity_reference"] = rows[BOTH.name]["class_fidelity"]
@@ -244,7 +258,8 @@ def main() -> None:
         t = results["tstr"]
         print(f"\nTSTR {t['TSTR']:.3f}  TRTR {t['TRTR']:.3f}  ratio {results['tstr_over_trtr']:.3f} "
               f"({t['per_class_train']} tiles per class each)")  # fmt: skip
-    for key in ("fd_judge_base", "fd_judge_adapted", "class_fidelity_reference", "class_fidelity_class_only",
+    for key in ("vae_floor_fd_judge", "vae_floor_fd_encoder", "fd_judge_base", "fd_judge_adapted",
+                "class_fidelity_reference", "class_fidelity_class_only",
                 "class_fidelity_class_only_without_class_conditioning", "tstr_over_trtr"):  # fmt: skip
         if key in results:
             print(f"{key:55s} {results[key]:.4f}")

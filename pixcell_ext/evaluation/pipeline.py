@@ -91,7 +91,8 @@ NO_TRAINING_NOTE = "Memorisation check skipped: pass --train_data_dir (the gener
 NO_SPACE_NOTE = "Memorisation check skipped: no feature space with distances (timm, Inception or UNI2-h) loaded."
 NO_HELD_OUT_NOTE = (
     "Memorisation check skipped: fewer than two real probe test tiles are outside --train_data_dir (or none of a "
-    "generated class), so there is no held-out scale to compare with (pass a --real_test_dir the generator was not trained on)."
+    "generated class), so there is no held-out scale to compare with "
+    "(pass a --real_test_dir the generator was not trained on)."
 )
 
 GENERAL_NOTES = [

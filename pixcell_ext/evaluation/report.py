@@ -160,8 +160,8 @@ def dataset_card(report: dict[str, Any], provenance: dict[str, Any]) -> str:
         lines += [
             "",
             f"Memorisation ({memorisation['feature_space']} space): possible copies of training tiles "
-            f"{_interval(memorisation['possible_copies'])}, {memorisation['expected_by_chance']:.1%} expected by chance "
-            f"(thresholds per class at about the 1 % quantile of held-out tiles' distances); exact p-value "
+            f"{_interval(memorisation['possible_copies'])}, {memorisation['expected_by_chance']:.1%} expected by "
+            f"chance (thresholds per class at about the 1 % quantile of held-out tiles' distances); exact p-value "
             f"{memorisation['p_value']:.2g} (Beta-Binomial, which accounts for the thresholds being estimated); "
             f"flagged: {memorisation['flagged']}.",
         ]
