@@ -69,12 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--pr_k", type=int, default=3, help="k of the k-NN manifolds of precision/recall.")
     group.add_argument("--dc_k", type=int, default=5, help="k of the real k-NN balls of density/coverage.")
     group.add_argument("--matched_draws", type=int, default=5, help="Seeded draws of the larger side at matched n.")
-    group.add_argument("--jackknife_groups", type=int, default=10, help="Groups per side for the metric intervals.")
+    group.add_argument("--jackknife_groups", type=int, default=10, help="Groups per side for the FD/KID intervals.")
+    group.add_argument("--half_samples", type=int, default=20, help="Half-samples for the k-NN metric intervals.")
     group.add_argument("--bootstrap_replicates", type=int, default=200, help="Resamples for probe/LPIPS intervals.")
     group.add_argument("--confidence", type=float, default=0.95, help="Level of every interval.")
     group.add_argument("--probe_max_per_class", type=int, default=None, help="Subsample both probe training sets.")
     group.add_argument("--low_data_ks", type=int, nargs="+", default=[10, 50, 100, 500], help="Real tiles per class.")
-    group.add_argument("--low_data_draws", type=int, default=3, help="Seeded draws of the k real tiles per k.")
+    group.add_argument("--low_data_draws", type=int, default=5, help="Seeded draws of the k real tiles per k.")
     group.add_argument("--lpips_backbone", default=None, help="torchvision alexnet/vgg16 state dict; no LPIPS without.")
     group.add_argument("--lpips_net", choices=["alex", "vgg"], default="alex")
     group.add_argument("--lpips_resolution", type=int, default=224)
@@ -112,6 +113,7 @@ def metric_settings(
             kid_subsets=args.kid_subsets,
             draws=args.matched_draws,
             groups=args.jackknife_groups,
+            half_samples=args.half_samples,
             **common,
         ),
         pipeline.ProbeSettings(

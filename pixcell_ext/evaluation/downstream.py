@@ -9,7 +9,8 @@
 - The low-data curve answers the question users ask: with k real tiles per class, does adding the synthetic set
   help? The probe trains on k real tiles per class (``draws`` seeded draws per k), with and without every synthetic
   tile added, and is tested on the held-out real tiles.
-Every balanced accuracy comes with an interval from resampling the test tiles (`intervals.balanced_accuracy_estimate`).
+Every balanced accuracy comes with an interval from resampling the test tiles (`intervals.balanced_accuracy_estimate`);
+the low-data points add the variance over which real tiles were drawn (`intervals.draw_averaged_accuracy`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pixcell_ext.evaluation.intervals import balanced_accuracy_estimate
+from pixcell_ext.evaluation.intervals import balanced_accuracy_estimate, draw_averaged_accuracy
 from pixcell_ext.evaluation.probe import linear_probe
 from pixcell_ext.seeding import derived_seed
 
@@ -32,7 +33,7 @@ class ProbeSettings:
     """Low-data k values, draws per k, bootstrap replicates over test tiles, interval level and seed."""
 
     low_data_ks: tuple[int, ...] = LOW_DATA_KS
-    draws: int = 3
+    draws: int = 5
     replicates: int = 200
     confidence: float = 0.95
     seed: int = 0
@@ -95,7 +96,8 @@ def low_data_curve(
     features: np.ndarray, labels: Sequence[str], rows: dict[str, Sequence[int]], settings: ProbeSettings
 ) -> dict[str, Any]:
     """Balanced accuracy on ``real_test`` after training on k real tiles per class, alone and with every synthetic
-    tile of ``rows["synthetic_all"]`` added; one entry per k, each averaged over ``draws`` seeded draws."""
+    tile of ``rows["synthetic_all"]`` added; one entry per k, each averaged over ``draws`` seeded draws, its interval
+    covering the expected accuracy over draws of k tiles and over test sets."""
     labels = np.asarray(labels)
     train = np.asarray(rows["real_train_full"], dtype=np.int64)
     test = np.asarray(rows["real_test"], dtype=np.int64)
@@ -125,8 +127,8 @@ def low_data_curve(
         points.append(
             {
                 "k": k,
-                "real": balanced_accuracy_estimate(labels[test], alone, **common),
-                "real_plus_synthetic": balanced_accuracy_estimate(labels[test], added, **common),
+                "real": draw_averaged_accuracy(labels[test], alone, **common),
+                "real_plus_synthetic": draw_averaged_accuracy(labels[test], added, **common),
             }
         )
     return {

@@ -2,9 +2,13 @@
 
 Means over items (LPIPS pairs) and balanced accuracies (test tiles) get percentile bootstraps: the statistic is
 recomputed on resamples drawn with a seeded generator, and the interval is the central ``confidence`` share of those
-values. The distribution metrics use a jackknife instead (`distribution`), because resampling with replacement
-repeats tiles, which distorts k-NN radii and covariances. Either way an interval describes the sampling spread at
-the sample size used: two runs differ meaningfully only where their intervals (at equal n) do not overlap.
+values. The distribution metrics use a jackknife and half-sampling instead (`distribution`), because resampling
+with replacement repeats tiles, which distorts k-NN radii and covariances. Either way an interval describes the
+sampling spread at the sample size used: two runs differ meaningfully only where their intervals (at equal n) do not
+overlap.
+Where the value averages over seeded draws of training tiles (the low-data curve), the interval adds the
+between-draw variance (`draw_averaged_accuracy`): it then covers the expected accuracy over which tiles are drawn
+and over test sets, not the accuracy of these particular draws.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.stats
 
 CONFIDENCE = 0.95
 
@@ -80,10 +85,42 @@ def balanced_accuracy_estimate(
     """Balanced accuracy averaged over probes (one prediction vector each, same test tiles), with an interval
     from resampling the test tiles: the test set's own sampling error, which dominates on small held-out sets."""
     truth = np.asarray(truth)
+    score = _mean_balanced_accuracy(truth, predictions)
+    value = score(np.arange(truth.size))
+    interval = bootstrap_score(score, truth.size, replicates=replicates, seed=seed, confidence=confidence)
+    return estimate(value, *interval, truth.size)
+
+
+def _mean_balanced_accuracy(truth: np.ndarray, predictions: Sequence[np.ndarray]) -> Callable[[np.ndarray], float]:
+    """rows -> balanced accuracy on those test rows, averaged over the probes."""
 
     def score(rows: np.ndarray) -> float:
         return float(np.mean([balanced_accuracy(truth[rows], p[rows]) for p in predictions]))
 
-    value = score(np.arange(truth.size))
-    interval = bootstrap_score(score, truth.size, replicates=replicates, seed=seed, confidence=confidence)
-    return estimate(value, *interval, truth.size)
+    return score
+
+
+def draw_averaged_accuracy(
+    truth: np.ndarray,
+    predictions: Sequence[np.ndarray],
+    *,
+    replicates: int,
+    seed: int,
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
+    """Balanced accuracy averaged over probes trained on independent draws of training tiles (one prediction vector
+    per draw, same test tiles), with an interval for E[balanced accuracy] over draws and test sets.
+
+    Its variance is the test-set part (bootstrap over test tiles of the averaged accuracy) plus the between-draw
+    part (the draws' sample variance / number of draws); the test-tile bootstrap alone covered the mean in 47 % of
+    simulated runs at one tile per class, where which tile is drawn matters most. The interval is value ± z·SE,
+    clipped to [0, 1]."""
+    truth = np.asarray(truth)
+    per_draw = np.array([balanced_accuracy(truth, p) for p in predictions])
+    score, rng = _mean_balanced_accuracy(truth, predictions), np.random.default_rng(seed)
+    resampled = [score(rng.integers(0, truth.size, truth.size)) for _ in range(replicates)]
+    between = float(per_draw.var(ddof=1)) / per_draw.size if per_draw.size > 1 else 0.0
+    se = (float(np.var(resampled, ddof=1)) + between) ** 0.5
+    z = float(scipy.stats.norm.ppf(0.5 + confidence / 2))
+    value = float(per_draw.mean())
+    return estimate(value, max(0.0, value - z * se), min(1.0, value + z * se), truth.size)

@@ -1,10 +1,10 @@
 """Learning tests on the committed mini stack: the science works, and these tests fail when it breaks.
 
-The mini PixCell was pretrained on the toy SOURCE domain; the judge is a classifier trained on TARGET train tiles
-that the generator never saw. A short `--preset mini` adaptation through the real scripts (training, then
-generation with the LoRA merged) must move generated tiles towards TARGET in the judge's feature space, the
-generated tiles must keep the class of their reference, generation must apply what training learned, and
-base-model samples must look like SOURCE.
+The mini PixCell was pretrained on the toy SOURCE domain; the judge is a classifier trained on TARGET tiles of
+a stream of its own, which the generator never saw. A short `--preset mini` adaptation through the real scripts
+(training, then generation with the LoRA merged) must move generated tiles towards TARGET in the judge's feature
+space, the generated tiles must keep the class of their reference, generation must apply what training learned,
+and base-model samples must look like SOURCE.
 
 Measured with the committed stack (2 threads, idle machine, 2026-12-02; the runs are seeded, so the values repeat up
 to float noise): base samples FD(encoder) 1.67 to SOURCE vs 18.5 to TARGET (ratio 0.09, bound 0.3), judge class
