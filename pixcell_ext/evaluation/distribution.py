@@ -9,9 +9,9 @@ the real and synthetic class proportions are equal too.
 
 Intervals cover E[metric at this matched n] (FD's is above the population FD; precision/recall move with n too), not
 the population value. Their standard errors were chosen by measuring coverage on simulated data with a known answer
-(tests/test_calibration.py; Gaussians, d = 4-8, n = 50-200), and neither resamples with replacement: repeated tiles
-shrink k-NN radii, lose distinct fakes and inflate FD (a two-sample bootstrap covered 0.99-1.00, or 0.07-0.87 as
-percentile intervals).
+(tests/evaluation/test_calibration.py; Gaussians, d = 4-8, n = 50-200), and neither resamples with replacement:
+repeated tiles shrink k-NN radii, lose distinct fakes and inflate FD (a two-sample bootstrap covered 0.99-1.00, or
+0.07-0.87 as percentile intervals).
 - FD and KID (smooth in the sample moments): a delete-a-group jackknife on each side, variances added (the sides are
   independent samples).
 - Precision, recall, density, coverage (counts of points inside k-NN balls, not smooth: a group jackknife's SE is

@@ -319,10 +319,10 @@ def vae_round_trip(vae, features: TileFeatures, rows: torch.Tensor) -> torch.Ten
 
     Scored like a generator's samples, they are the floor of every metric a latent generator can reach: the part of
     a gap to real tiles that is the autoencoder's, which no adapter or LoRA can close."""
-    latents = models.posterior_latents(
+    latents = networks.posterior_latents(
         vae.config, features.latent_mean[rows], features.latent_std[rows], torch.zeros_like(features.latent_std[rows])
     )
-    return to_uint8_images(models.decode_latents(vae, latents)).permute(0, 3, 1, 2)
+    return to_uint8_images(networks.decode_latents(vae, latents)).permute(0, 3, 1, 2)
 
 
 def class_fidelity(judge: JudgeScores, images: torch.Tensor, class_ids: torch.Tensor, class_names: list[str]) -> float:

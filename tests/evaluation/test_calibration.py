@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pixcell_ext.memorisation import memorisation_check
+from pixcell_ext.evaluation.memorisation import memorisation_check
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,7 +81,7 @@ def test_adaptation_kid_reads_zero_for_two_draws_of_one_class_stratified_distrib
     -12 000 (SE 80) here."""
     import torch
 
-    from pixcell_ext.mini_eval import distribution_scores
+    from pixcell_ext.stacks.mini_eval import distribution_scores
 
     classes, per_class, dim, repetitions = 9, 20, 8, 200
     centres = 3.0 * np.random.default_rng(0).normal(size=(classes, dim))
@@ -105,7 +105,7 @@ def interval_calibration(
 
     The target E[metric at n] is the mean of the reported values over the repetitions (each an independent sample
     of ``real_pool`` real and ``n`` synthetic points; the value averages ``settings.draws`` matched draws)."""
-    from pixcell_ext.distribution import METRICS, matched_metrics
+    from pixcell_ext.evaluation.distribution import METRICS, matched_metrics
 
     runs = []
     for seed in range(repetitions):
@@ -134,9 +134,9 @@ def _low_data_sample(rng: np.random.Generator, per_class: int) -> tuple[np.ndarr
 def low_data_coverage(repetitions: int) -> float:
     """Coverage of E[balanced accuracy with k = 1 real tile per class] (over draws and test sets) by the low-data
     curve's interval; the truth from 150 draws scored on 6 000 test points."""
-    from pixcell_ext.downstream import ProbeSettings, low_data_curve
-    from pixcell_ext.intervals import balanced_accuracy
-    from pixcell_ext.probe import linear_probe
+    from pixcell_ext.evaluation.downstream import ProbeSettings, low_data_curve
+    from pixcell_ext.evaluation.intervals import balanced_accuracy
+    from pixcell_ext.evaluation.probe import linear_probe
 
     rng = np.random.default_rng(10_000)
     big_x, big_y = _low_data_sample(rng, 2000)
@@ -175,7 +175,7 @@ def test_distribution_intervals_cover_the_expected_value_at_matched_n(case):
     Efron-Stein excess makes the SE about 1.4x the SD (measured coverage 0.985): allowed up to 1.6x there.
     Measured at R = 200 (equal / shifted): coverage 0.955-0.985 / 0.915-0.98, width ratios 0.81-1.42 / 0.99-1.25;
     before (jackknife on draw 0, for every metric): k-NN ratios 1.5-1.7 at equality, 2-3x for draw-averaged values."""
-    from pixcell_ext.distribution import DistributionSettings
+    from pixcell_ext.evaluation.distribution import DistributionSettings
 
     repetitions = 100
     settings = DistributionSettings(draws=case["draws"], half_samples=10)
