@@ -3,8 +3,8 @@
 At one fixed training budget (in-process, cached features, the package's loss, randomness, LoRA and sampler):
 - base mini PixCell vs adapter only vs LoRA only vs adapter + LoRA: FD/KID in the judge's and in the encoder's
   feature space, precision/recall, against held-out TARGET tiles; beside them, as many independent real TARGET tiles
-  (the perfect generator's value at this n) and those tiles passed through the VAE alone (the VAE floor: no latent
-  generator can beat it);
+  (the perfect generator's value at this n) and those tiles passed through the VAE alone (the VAE floor: what a
+  generator that matched the real latents exactly would score);
 - class fidelity (the judge's accuracy on generated tiles): reference-conditioned; class-only with class
   conditioning; class-only without it (the unconditional fallback);
 - the class loss on vs off;

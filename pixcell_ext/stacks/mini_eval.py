@@ -317,8 +317,9 @@ def distribution_scores(
 def vae_round_trip(vae, features: TileFeatures, rows: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 3, r, r]: the tiles of ``rows`` encoded (posterior mean) and decoded, nothing else.
 
-    Scored like a generator's samples, they are the floor of every metric a latent generator can reach: the part of
-    a gap to real tiles that is the autoencoder's, which no adapter or LoRA can close."""
+    Scored like a generator's samples, they show the part of a gap to real tiles that is the autoencoder's, which no
+    adapter or LoRA can close: a generator that matched the real latents exactly would score about this. (Not a
+    strict bound per metric: a generator's decodings need not look like round trips.)"""
     latents = networks.posterior_latents(
         vae.config, features.latent_mean[rows], features.latent_std[rows], torch.zeros_like(features.latent_std[rows])
     )
