@@ -128,8 +128,8 @@ def memorisation_verdict(memorisation: dict[str, Any] | None) -> Verdict:
     space = memorisation.get("feature_space", "?")
     detail = (
         f"{fmt(share, percent=True)} of generated tiles are closer to a training tile than "
-        f"{100 * (1 - expected):.0f} % of held-out real tiles are ({100 * expected:.0f} % expected by chance; "
-        f"{space} space)."
+        f"{100 * (1 - expected):.0f} % of held-out real tiles of their class are ({100 * expected:.0f} % expected by "
+        f"chance; exact p = {memorisation.get('p_value', float('nan')):.2g}; {space} space)."
     )
     if memorisation.get("flagged"):
         return Verdict(COPIES, "Possibly: look at the closest pairs", "bad", detail)
