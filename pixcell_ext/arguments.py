@@ -84,6 +84,7 @@ EVALUATION_LIMITS = Limits(
         "pr_k",
         "dc_k",
         "matched_draws",
+        "half_samples",
         "bootstrap_replicates",
         "probe_max_per_class",
         "low_data_draws",
