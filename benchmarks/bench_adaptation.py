@@ -31,17 +31,20 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pixcell_ext.evaluation.downstream import ProbeSettings, low_data_curve  # noqa: E402
 from pixcell_ext.evaluation.probe import tstr_trtr  # noqa: E402
 from pixcell_ext.model import networks  # noqa: E402
 from pixcell_ext.stacks import mini  # noqa: E402
+from pixcell_ext.stacks import mini_diagnosis as md  # noqa: E402
 from pixcell_ext.stacks import mini_eval as me  # noqa: E402
 
-SECTIONS = ("core", "class", "tstr", "guidance", "placement")
+SECTIONS = ("source", "core", "class", "tstr", "low_data", "guidance", "placement")
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--images_per_class", type=int, default=20)
+    parser.add_argument(
+        "--low_data_images_per_class", type=int, default=40, help="Synthetic tiles per class added in `low_data`."
+    )
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="1: the lowest FD in the sweep.")
     parser.add_argument("--threads", type=int, default=2)
@@ -198,6 +204,60 @@ def guidance(study: Study, results: dict) -> None:
     }
 
 
+def source(study: Study, results: dict) -> None:
+    """The base model on its own SOURCE domain, and the VAE's ceiling on every class-fidelity number."""
+    features = me.encode_tiles(study.stack.source_heldout, study.vae, study.uni, mini.MINI_RESOLUTION)
+    probe = md.fit_encoder_probe(features, references_per_class=10, seed=study.args.seed)
+    diagnosis = md.diagnose(
+        me.base_model(study.stack.pixcell),
+        study.scheduler_config,
+        study.vae,
+        study.uni,
+        features,
+        probe,
+        guidance_scales=(1.0, 1.5, 2.0, 3.0),
+        samplers=(("dpm", study.args.num_inference_steps), ("ddpm", 100)),
+        seed=study.args.seed,
+    )
+    ceiling = md.vae_ceiling(study.vae, study.uni, features, probe)
+    psnr = md.vae_psnr(study.vae, md.source_and_target_tiles(20, mini.MINI_RESOLUTION), features.class_names)
+    results["source"] = {**diagnosis, "vae_ceiling": ceiling, "vae_psnr": psnr}
+    by_guidance = {run["guidance"]: run["class_fidelity"] for run in diagnosis["runs"] if run["sampler"] == "dpm"}
+    results["class_fidelity_base_source"] = diagnosis["best"]["class_fidelity"]
+    results["class_fidelity_base_source_g1"] = by_guidance[1.0]
+    results["class_fidelity_base_source_g2"] = by_guidance[2.0]
+    results["vae_round_trip_probe_ratio"] = ceiling["round_trip_probe_ratio"]
+    results["vae_psnr_db"] = psnr["psnr_pooled"]
+
+
+def low_data(study: Study, results: dict) -> None:
+    """A probe on k real TARGET tiles per class, with and without the adapted model's synthetic set, in the
+    encoder's space; tested on the independent TARGET test set."""
+    adapted = study.model(BOTH)
+    request = me.reference_request(study.train, study.args.low_data_images_per_class, study.args.seed)
+    images = study.sample(adapted.model, request)
+    synthetic = study.uni(images).flatten(1).float().numpy()
+    real = study.train.embedding.flatten(1).numpy()
+    test = study.test.embedding.flatten(1).numpy()
+    names = study.train.class_names
+    features = np.concatenate([real, synthetic, test])
+    labels = [
+        names[i] for i in (*study.train.labels.tolist(), *request.class_ids.tolist(), *study.test.labels.tolist())
+    ]
+    offsets = np.cumsum([0, len(real), len(synthetic), len(test)])
+    rows = {
+        "real_train_full": range(offsets[0], offsets[1]),
+        "synthetic_all": range(offsets[1], offsets[2]),
+        "real_test": range(offsets[2], offsets[3]),
+    }
+    curve = low_data_curve(
+        features, labels, rows, ProbeSettings(low_data_ks=(1, 5, 20), draws=10, seed=study.args.seed)
+    )
+    results["low_data"] = curve
+    for point in curve["points"]:
+        results[f"low_data_gain_k{point['k']}"] = point["real_plus_synthetic"]["value"] - point["real"]["value"]
+
+
 def tstr(study: Study, results: dict) -> None:
     """Probe on synthetic tiles vs on as many real TARGET tiles per class; both tested on an independent set."""
     adapted = study.model(BOTH)
@@ -225,6 +285,10 @@ def print_table(title: str, rows: dict[str, dict]) -> None:
         print(f"{name:38s}{cells}{trainable}")
 
 
+SECTION_FUNCTIONS = {"source": source, "core": core, "class": class_aware, "placement": placement,
+                     "guidance": guidance, "tstr": tstr, "low_data": low_data}  # fmt: skip
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -233,9 +297,7 @@ def main() -> None:
     results: dict = {}
     for section in SECTIONS:
         if section in args.sections:
-            {"core": core, "class": class_aware, "placement": placement, "guidance": guidance, "tstr": tstr}[
-                section
-            ](study, results)
+            SECTION_FUNCTIONS[section](study, results)
             if args.json:  # after every section, so a long run keeps what it measured
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(results, indent=2, default=float))

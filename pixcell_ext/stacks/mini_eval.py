@@ -265,6 +265,7 @@ def generate(
     num_inference_steps: int = 20,
     seed: int = 0,
     batch_size: int = 90,
+    sampler: str = "dpm",
 ) -> torch.Tensor:
     """uint8 [N, 3, r, r]: reference-conditioned, class-only (class conditioning) or unconditional samples."""
     images = []
@@ -287,6 +288,7 @@ def generate(
             generators,
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
+            sampler=sampler,
         )
         images.append(to_uint8_images(networks.decode_latents(vae, latents)).permute(0, 3, 1, 2))
     return torch.cat(images)

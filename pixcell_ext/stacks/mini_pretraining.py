@@ -16,6 +16,7 @@ posterior samples, timesteps, noise and dropout from one seeded generator, so th
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -32,6 +33,7 @@ from pixcell_ext import data
 from pixcell_ext.files import replace_folder
 from pixcell_ext.model import networks
 from pixcell_ext.model.networks import PixCellTransformer2DModel
+from pixcell_ext.seeding import derived_seed
 from pixcell_ext.stacks.mini import MINI_LATENT_SIZE, PART_FOLDERS
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -57,6 +59,9 @@ class PretrainingConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     cond_dropout: float = 0.1
+    # "fixed": PixCell's null, a random vector (randn / sqrt(C)) the optimiser never sees; "learned": trained from the
+    # mean embedding.
+    null_embedding: str = "learned"
     vlb_weight: float = 1e-3
     ema_decay: float = 0.998
     seed: int = 0
@@ -222,22 +227,37 @@ def mini_transformer(config: PretrainingConfig, caption_channels: int, latent_si
     )
 
 
+def null_embedding(config: PretrainingConfig, embedding: torch.Tensor) -> torch.Tensor:
+    """The starting null embedding [1, C]: PixCell's fixed `randn / sqrt(C)` (from a generator of its own, so the
+    training draws are the same either way), or the mean embedding, a neutral point to learn from."""
+    if config.null_embedding == "fixed":
+        channels = embedding.shape[-1]
+        generator = torch.Generator().manual_seed(derived_seed(config.seed, "null-embedding"))
+        return torch.randn(1, channels, generator=generator) / math.sqrt(channels)
+    if config.null_embedding == "learned":
+        return embedding.mean(dim=(0, 1)).view(1, -1).clone()
+    raise ValueError(f"null_embedding must be 'fixed' or 'learned', not {config.null_embedding!r}.")
+
+
 def pretrain(
     transformer: PixCellTransformer2DModel,
     features: SourceFeatures,
     vae_config,
     config: PretrainingConfig,
     log: Callable[[str], None] = print,
+    on_snapshot: Callable[[int, PixCellTransformer2DModel], None] | None = None,
+    snapshot_every: int = 0,
 ) -> dict:
-    """Train `transformer` in place on the features; its weights end as the EMA, its null embedding as learned.
+    """Train `transformer` in place on the features; its weights end as the EMA, its null embedding as configured.
 
-    The null embedding is a buffer in the released class; it is trained here as a parameter and copied into the
-    buffer at the end. It starts at the mean embedding, a neutral point of the encoder's space.
+    The null embedding is a buffer in the released class; a learned one is trained here as a parameter and copied
+    into the buffer at the end. `on_snapshot(step, model)` receives an EMA copy every `snapshot_every` updates, for
+    studies of training length that need not retrain.
     """
     generator = torch.Generator().manual_seed(config.seed)
     diffusion = GaussianDiffusion()
-    null = nn.Parameter(features.embedding.mean(dim=(0, 1)).view(1, -1).clone())
-    parameters = [*transformer.parameters(), null]
+    null = nn.Parameter(null_embedding(config, features.embedding), requires_grad=config.null_embedding == "learned")
+    parameters = [*transformer.parameters(), null] if null.requires_grad else list(transformer.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps))
     ema = [p.detach().clone() for p in parameters]
@@ -272,11 +292,9 @@ def pretrain(
             recent = torch.tensor(history[-100:]).mean(dim=0).tolist()
             elapsed = time.perf_counter() - started
             log(f"step {step + 1}/{config.num_steps}: mse {recent[0]:.4f} vlb {recent[1]:.4f} ({elapsed:.0f} s)")
-    with torch.no_grad():
-        for average, parameter in zip(ema, parameters, strict=True):
-            parameter.copy_(average)
-        transformer.caption_projection.uncond_embedding.copy_(null.detach())
-    transformer.eval()
+        if on_snapshot is not None and snapshot_every and (step + 1) % snapshot_every == 0:
+            on_snapshot(step + 1, _with_averages(copy.deepcopy(transformer), ema, parameters, null, transformer))
+    _with_averages(transformer, ema, parameters, null, transformer)
     final = torch.tensor(history[-200:]).mean(dim=0).tolist()
     return {
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -284,6 +302,17 @@ def pretrain(
         "final_vlb_bits_per_dim_times_T": round(final[1], 5),
         "num_tiles": count,
     }
+
+
+@torch.no_grad()
+def _with_averages(target, ema, parameters, null, source) -> PixCellTransformer2DModel:
+    """`target` (the trained transformer or a copy of it) given the EMA weights and the null embedding, for sampling."""
+    by_identity = {id(p): average for p, average in zip(parameters, ema, strict=True)}
+    for parameter, original in zip(target.parameters(), source.parameters(), strict=True):
+        parameter.copy_(by_identity[id(original)])
+    average_null = by_identity.get(id(null), null)
+    target.caption_projection.uncond_embedding.copy_(average_null.detach())
+    return target.eval()
 
 
 def scheduler_for_sampling():
@@ -306,11 +335,13 @@ def build_transformer(
     source_data: Path,
     seed: int,
     config: PretrainingConfig | None = None,
+    on_snapshot: Callable[[int, PixCellTransformer2DModel], None] | None = None,
+    snapshot_every: int = 0,
 ) -> dict:
     """Pretrain on `source_data` and write `output_dir/pixcell-256-mini/{transformer,scheduler}` atomically.
 
     `vae_dir` holds `vae/` (the mini SD3.5-style VAE), `uni_dir` the mini UNI2-h folder. Returns the build metrics.
-    `config` defaults to the committed build's, with `seed`.
+    `config` defaults to the committed build's, with `seed`; `on_snapshot` is passed to `pretrain`.
     """
     config = PretrainingConfig(seed=seed) if config is None else config
     torch.manual_seed(seed)
@@ -322,7 +353,9 @@ def build_transformer(
     features = encode_folder(source_data, vae, uni, resolution)
     encode_seconds = time.perf_counter() - started
     transformer = mini_transformer(config, uni.embed_dim, latent_size)
-    metrics = pretrain(transformer, features, vae.config, config)
+    metrics = pretrain(
+        transformer, features, vae.config, config, on_snapshot=on_snapshot, snapshot_every=snapshot_every
+    )
     target = Path(output_dir) / PART_FOLDERS["transformer"]
     tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ from pixcell_ext.stacks.mini_pretraining import (
     build_transformer,
     hybrid_loss,
     normal_kl,
+    null_embedding,
     vlb_term,
 )
 
@@ -109,3 +110,43 @@ def test_build_is_a_function_of_its_seed(tiny_stack, tmp_path, one_thread):
     first, again, other = build("a", 0), build("b", 0), build("c", 1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_fixed_null_is_pixcells_untrained_random_vector(tiny_stack, tmp_path, one_thread):
+    """`null_embedding="fixed"`: the saved null is `randn / sqrt(C)` from its own generator, untouched by training
+    (PixCell's); a learned null moves from its start, the mean embedding."""
+    small = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, batch_size=8, num_steps=3)
+
+    def saved_null(name: str, kind: str) -> torch.Tensor:
+        config = PretrainingConfig(**small, null_embedding=kind, learning_rate=1e-2, warmup_steps=1)
+        build_transformer(tmp_path / name, tiny_stack.vae, tiny_stack.uni, tiny_stack.data, seed=0, config=config)
+        folder = tmp_path / name / PART_FOLDERS["transformer"]
+        return networks.load_transformer(str(folder)).caption_projection.uncond_embedding
+
+    fixed, learned = saved_null("fixed", "fixed"), saved_null("learned", "learned")
+    channels = fixed.shape[-1]
+    expected = null_embedding(PretrainingConfig(null_embedding="fixed"), torch.zeros(1, 1, channels))
+    torch.testing.assert_close(fixed, expected, rtol=0, atol=0)
+    assert 0.5 < expected.norm() < 1.5  # randn / sqrt(C) has norm ~1 whatever C
+    assert not torch.allclose(learned, fixed)
+
+
+def test_a_snapshot_is_the_shorter_build(tiny_stack, tmp_path, one_thread):
+    """The step-2 snapshot of a 4-step build equals a 2-step build: the schedule, EMA and draws do not depend on the
+    run's length, so a training-length study needs one run, and a chosen snapshot is reproduced by `num_steps`."""
+    small = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, batch_size=8, null_embedding="fixed")
+    snapshots = {}
+
+    def keep(step: int, model) -> None:
+        snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    data = (tiny_stack.vae, tiny_stack.uni, tiny_stack.data)
+    build_transformer(tmp_path / "long", *data, seed=0, config=PretrainingConfig(**small, num_steps=4),
+                      on_snapshot=keep, snapshot_every=2)  # fmt: skip
+    build_transformer(tmp_path / "short", *data, seed=0, config=PretrainingConfig(**small, num_steps=2))
+    short = networks.load_transformer(str(tmp_path / "short" / PART_FOLDERS["transformer"])).state_dict()
+    long = networks.load_transformer(str(tmp_path / "long" / PART_FOLDERS["transformer"])).state_dict()
+    assert sorted(snapshots) == [2, 4]
+    assert all(torch.equal(snapshots[2][k], short[k]) for k in short)
+    assert all(torch.equal(snapshots[4][k], long[k]) for k in long)
+    assert any(not torch.equal(short[k], long[k]) for k in short)
