@@ -5,17 +5,17 @@ import math
 import pytest
 import torch
 
-from pixcell_ext import mini_diagnosis as md
-from pixcell_ext import mini_eval as me
-from pixcell_ext import models
-from pixcell_ext.mini_vae import reconstruction_psnr
-from pixcell_ext.tiny import TINY_RESOLUTION
+from pixcell_ext.model import networks
+from pixcell_ext.stacks import mini_diagnosis as md
+from pixcell_ext.stacks import mini_eval as me
+from pixcell_ext.stacks.mini_vae import reconstruction_psnr
+from pixcell_ext.stacks.tiny import TINY_RESOLUTION
 
 
 @pytest.fixture(scope="module")
 def tiny_parts(tiny_stack):
-    vae = models.load_vae(str(tiny_stack.vae))
-    uni = models.load_uni(str(tiny_stack.uni))
+    vae = networks.load_vae(str(tiny_stack.vae))
+    uni = networks.load_uni(str(tiny_stack.uni))
     return vae, uni, me.encode_tiles(tiny_stack.data, vae, uni, TINY_RESOLUTION)
 
 
