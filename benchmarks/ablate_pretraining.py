@@ -101,9 +101,8 @@ def evaluate(args: argparse.Namespace, stack: mini.MiniStack) -> dict:
     results = {"vae_ceiling": md.vae_ceiling(vae, uni, source, probe), "snapshots": {}}
     for snapshot in sorted(Path(args.output_dir).glob("*/step-*"), key=lambda p: (p.parent.name, int(p.name[5:]))):
         model = me.base_model(snapshot)
-        scores = md.diagnose(
-            model, scheduler_config, vae, uni, source, probe, guidance_scales=tuple(args.guidance_scales)
-        )
+        runs = [("dpm", 20, g) for g in args.guidance_scales]
+        scores = md.diagnose(model, scheduler_config, vae, uni, source, probe, runs, seed=args.seed)
         key = f"{snapshot.parent.name}/{snapshot.name}"
         results["snapshots"][key] = scores
         runs = " ".join(f"g{r['guidance']:g} {r['class_fidelity']:.2f}" for r in scores["runs"])

@@ -215,8 +215,8 @@ def source(study: Study, results: dict) -> None:
         study.uni,
         features,
         probe,
-        guidance_scales=(1.0, 1.5, 2.0, 3.0),
-        samplers=(("dpm", study.args.num_inference_steps), ("ddpm", 100)),
+        runs=[("dpm", study.args.num_inference_steps, g) for g in (1.0, 1.5, 2.0, 3.0)]
+        + [("ddpm", 100, g) for g in (1.0, 2.0)],
         seed=study.args.seed,
     )
     ceiling = md.vae_ceiling(study.vae, study.uni, features, probe)

@@ -18,6 +18,7 @@ Used by `benchmarks/bench_adaptation.py` (section `source`) and `benchmarks/abla
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,44 +146,34 @@ def diagnose(
     uni: networks.UNIEncoder,
     source: TileFeatures,
     probe: EncoderProbe,
-    *,
-    guidance_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0),
-    samplers: tuple[tuple[str, int], ...] = (("dpm", 20),),
+    runs: Sequence[tuple[str, int, float]] = tuple(("dpm", 20, g) for g in (1.0, 1.5, 2.0, 3.0)),
     seed: int = 0,
 ) -> dict:
-    """Reference-conditioned fidelity and similarity per sampler and guidance, the null branch alone, the condition's
-    effect. Scores are in the encoder's space; FD against every held-out SOURCE tile."""
+    """Reference-conditioned fidelity and similarity per (sampler, steps, guidance) run, the null branch alone, the
+    condition's effect. Scores are in the encoder's space; FD against every held-out SOURCE tile."""
     rows = probe.references
     labels = source.labels[rows]
     real = source.embedding.flatten(1)
     reference_embeddings = torch.nn.functional.normalize(source.embedding[rows].flatten(1), dim=1)
     request = Request(labels, rows)
     result: dict = {"runs": []}
-    for sampler, steps in samplers:
-        for scale in guidance_scales:
-            images = generate(
-                model,
-                scheduler_config,
-                vae,
-                request,
-                source,
-                guidance_scale=scale,
-                num_inference_steps=steps,
-                seed=seed,
-                sampler=sampler,
-            )
-            embeddings = embed(uni, images)
-            similarity = (torch.nn.functional.normalize(embeddings, dim=1) * reference_embeddings).sum(1)
-            result["runs"].append(
-                {
-                    "sampler": sampler,
-                    "steps": steps,
-                    "guidance": scale,
-                    "class_fidelity": probe.accuracy(embeddings, labels),
-                    "reference_similarity": float(similarity.mean()),
-                    "fd_encoder": metrics.frechet_distance(real, embeddings),
-                }
-            )
+    for sampler, steps, scale in runs:
+        images = generate(
+            model, scheduler_config, vae, request, source,
+            guidance_scale=scale, num_inference_steps=steps, seed=seed, sampler=sampler,
+        )  # fmt: skip
+        embeddings = embed(uni, images)
+        similarity = (torch.nn.functional.normalize(embeddings, dim=1) * reference_embeddings).sum(1)
+        result["runs"].append(
+            {
+                "sampler": sampler,
+                "steps": steps,
+                "guidance": scale,
+                "class_fidelity": probe.accuracy(embeddings, labels),
+                "reference_similarity": float(similarity.mean()),
+                "fd_encoder": metrics.frechet_distance(real, embeddings),
+            }
+        )
     null_images = generate(model, scheduler_config, vae, Request(labels, None), source, guidance_scale=1.0, seed=seed)
     result["fd_encoder_unconditional"] = metrics.frechet_distance(real, embed(uni, null_images))
     result.update(condition_strength(model, vae.config, source, rows, seed))
