@@ -255,7 +255,7 @@ def low_data(study: Study, results: dict) -> None:
     )
     results["low_data"] = curve
     for point in curve["points"]:
-        results[f"low_data_gain_k{point['k']}"] = point["real_plus_synthetic"]["value"] - point["real"]["value"]
+        results[f"low_data_gain_k{point['k']}"] = point["gain"]["value"]
 
 
 def tstr(study: Study, results: dict) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pixcell_ext.evaluation.intervals import balanced_accuracy_estimate, draw_averaged_accuracy
+from pixcell_ext.evaluation.intervals import balanced_accuracy_estimate, draw_averaged_accuracy, draw_averaged_gain
 from pixcell_ext.evaluation.probe import linear_probe
 from pixcell_ext.seeding import derived_seed
 
@@ -96,8 +96,8 @@ def low_data_curve(
     features: np.ndarray, labels: Sequence[str], rows: dict[str, Sequence[int]], settings: ProbeSettings
 ) -> dict[str, Any]:
     """Balanced accuracy on ``real_test`` after training on k real tiles per class, alone and with every synthetic
-    tile of ``rows["synthetic_all"]`` added; one entry per k, each averaged over ``draws`` seeded draws, its interval
-    covering the expected accuracy over draws of k tiles and over test sets."""
+    tile of ``rows["synthetic_all"]`` added, and the paired gain; one entry per k, each averaged over ``draws`` seeded
+    draws, its interval covering the expected value over draws of k tiles and over test sets."""
     labels = np.asarray(labels)
     train = np.asarray(rows["real_train_full"], dtype=np.int64)
     test = np.asarray(rows["real_test"], dtype=np.int64)
@@ -129,6 +129,7 @@ def low_data_curve(
                 "k": k,
                 "real": draw_averaged_accuracy(labels[test], alone, **common),
                 "real_plus_synthetic": draw_averaged_accuracy(labels[test], added, **common),
+                "gain": draw_averaged_gain(labels[test], added, alone, **common),
             }
         )
     return {
