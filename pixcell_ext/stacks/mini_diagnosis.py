@@ -23,12 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pixcell_ext.data import vae_input
 from pixcell_ext.evaluation import metrics
 from pixcell_ext.model import networks
 from pixcell_ext.model.conditioning import AdaptedPixCell
-from pixcell_ext.model.sampling import to_uint8_images
-from pixcell_ext.stacks.mini_eval import Request, TileFeatures, generate
+from pixcell_ext.stacks.mini_eval import Request, TileFeatures, generate, vae_round_trip
 from pixcell_ext.stacks.mini_training import toy_arrays
 from pixcell_ext.stacks.mini_vae import reconstruction_psnr
 from pixcell_ext.stacks.toy_histology import DOMAINS
@@ -70,17 +68,6 @@ def fit_encoder_probe(features: TileFeatures, references_per_class: int, seed: i
 
 
 @torch.no_grad()
-def round_trip(vae, pixels: torch.Tensor, batch_size: int = 90) -> torch.Tensor:
-    """uint8 tiles through the VAE alone (posterior mean, no diffusion): what a perfect generator could output."""
-    out = []
-    for start in range(0, len(pixels), batch_size):
-        mean, std = networks.encode_latent_distribution(vae, vae_input(pixels[start : start + batch_size]))
-        latents = networks.posterior_latents(vae.config, mean, std, torch.zeros_like(mean))
-        out.append(to_uint8_images(networks.decode_latents(vae, latents)).permute(0, 3, 1, 2))
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def embed(uni: networks.UNIEncoder, images: torch.Tensor, batch_size: int = 90) -> torch.Tensor:
     return torch.cat([uni(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)]).flatten(1)
 
@@ -90,7 +77,7 @@ def vae_ceiling(vae, uni: networks.UNIEncoder, features: TileFeatures, probe: En
     rows = probe.references
     labels = features.labels[rows]
     original = probe.accuracy(features.embedding[rows], labels)
-    trip = probe.accuracy(embed(uni, round_trip(vae, features.pixels[rows])), labels)
+    trip = probe.accuracy(embed(uni, vae_round_trip(vae, features, rows)), labels)
     return {
         "probe_references": original,
         "probe_round_trip": trip,
