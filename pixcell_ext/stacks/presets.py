@@ -144,6 +144,8 @@ def mini_evaluation(stack: MiniStack) -> dict:
         "batch_size": 60,
         "dataloader_num_workers": 0,
         "kid_subsets": 20,
+        # target-train holds 40 tiles per class; the question is whether scarce labels gain from the set.
+        "low_data_ks": [1, 5, 20],
     }
 
 
