@@ -31,8 +31,6 @@ from pixcell_ext.stacks.mini_training import toy_arrays
 from pixcell_ext.stacks.mini_vae import reconstruction_psnr
 from pixcell_ext.stacks.toy_histology import DOMAINS
 
-PROBE_FIT_PER_CLASS = 30  # of each class's held-out SOURCE tiles; the others are the references
-
 
 @dataclass
 class EncoderProbe:
@@ -101,7 +99,7 @@ def vae_psnr(vae, tiles: dict[str, tuple[torch.Tensor, torch.Tensor]], class_nam
 
 @torch.no_grad()
 def condition_strength(
-    model: AdaptedPixCell, vae_config, features: TileFeatures, rows: torch.Tensor, seed: int = 0
+    model: AdaptedPixCell, scheduler_config: dict, vae_config, features: TileFeatures, rows: torch.Tensor, seed: int = 0
 ) -> dict[str, float]:
     """||eps_c - eps_u|| / ||eps_c|| at a few timesteps on noised real latents: how much the condition steers."""
     transformer = model.transformer
@@ -110,8 +108,7 @@ def condition_strength(
     latents = networks.posterior_latents(
         vae_config, features.latent_mean[rows], features.latent_std[rows], torch.zeros_like(noise)
     )
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+    alphas_cumprod = networks.training_scheduler(scheduler_config).alphas_cumprod
     context = model.context(features.embedding[rows])
     null = model.unconditional_context(len(rows))
     channels = transformer.config.in_channels
@@ -163,7 +160,7 @@ def diagnose(
         )
     null_images = generate(model, scheduler_config, vae, Request(labels, None), source, guidance_scale=1.0, seed=seed)
     result["fd_encoder_unconditional"] = metrics.frechet_distance(real, embed(uni, null_images))
-    result.update(condition_strength(model, vae.config, source, rows, seed))
+    result.update(condition_strength(model, scheduler_config, vae.config, source, rows, seed))
     best = max(result["runs"], key=lambda run: run["class_fidelity"])
     result["best"] = best
     return result
