@@ -1,6 +1,9 @@
 """Does adaptation work, and which parts of it matter? Measured on the trained mini stack and the toy TARGET domain.
 
-At one fixed training budget (in-process, cached features, the package's loss, randomness, LoRA and sampler):
+First (`source`), the base model on its own SOURCE domain (`stacks.mini_diagnosis`): reference-conditioned class
+fidelity by an encoder probe per guidance scale and sampler, against the VAE's ceiling (the probe on round trips of
+the references), the unconditional branch alone, how much the condition moves the prediction, and VAE PSNR.
+Then, at one fixed training budget (in-process, cached features, the package's loss, randomness, LoRA and sampler):
 - base mini PixCell vs adapter only vs LoRA only vs adapter + LoRA: FD/KID in the judge's and in the encoder's
   feature space, precision/recall, against held-out TARGET tiles; beside them, as many independent real TARGET tiles
   (the perfect generator's value at this n) and those tiles passed through the VAE alone (the VAE floor: what a
@@ -11,7 +14,9 @@ At one fixed training budget (in-process, cached features, the package's loss, r
 - LoRA placement at an equal trainable-parameter count: early / middle / late blocks (self-attention), and
   self- vs cross-attention targets (all blocks, cross-attention at twice the rank);
 - guidance scale 1, 2, 3, 5;
-- TSTR vs TRTR (balanced accuracy of a linear probe in the encoder's space) at matched training-set sizes.
+- TSTR vs TRTR (balanced accuracy of a linear probe in the encoder's space) at matched training-set sizes;
+- low data (`low_data`): a probe on k = 1, 5, 20 real tiles per class, with and without the adapted model's tiles,
+  and the paired gain with its interval.
 
     python benchmarks/bench_adaptation.py --json outputs/bench-adaptation.json
     python benchmarks/bench_adaptation.py --sections core --steps 150    # the four adaptation variants only
