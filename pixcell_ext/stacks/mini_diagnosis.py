@@ -28,8 +28,11 @@ from pixcell_ext.model import networks
 from pixcell_ext.model.conditioning import AdaptedPixCell
 from pixcell_ext.stacks.mini_eval import Request, TileFeatures, generate, vae_round_trip
 from pixcell_ext.stacks.mini_training import toy_arrays
+from pixcell_ext.stacks.mini_uni import embed
 from pixcell_ext.stacks.mini_vae import reconstruction_psnr
 from pixcell_ext.stacks.toy_histology import DOMAINS
+
+BATCH = 90  # encoder batches of the measurements in benchmarks/RESULTS.md (batching changes float rounding)
 
 
 @dataclass
@@ -65,17 +68,12 @@ def fit_encoder_probe(features: TileFeatures, references_per_class: int, seed: i
     return EncoderProbe(classifier, torch.cat(references))
 
 
-@torch.no_grad()
-def embed(uni: networks.UNIEncoder, images: torch.Tensor, batch_size: int = 90) -> torch.Tensor:
-    return torch.cat([uni(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)]).flatten(1)
-
-
 def vae_ceiling(vae, uni: networks.UNIEncoder, features: TileFeatures, probe: EncoderProbe) -> dict[str, float]:
     """Probe accuracy on the references and on their VAE round trips, and the round trips' PSNR."""
     rows = probe.references
     labels = features.labels[rows]
     original = probe.accuracy(features.embedding[rows], labels)
-    trip = probe.accuracy(embed(uni, vae_round_trip(vae, features, rows)), labels)
+    trip = probe.accuracy(embed(uni, vae_round_trip(vae, features, rows), BATCH), labels)
     return {
         "probe_references": original,
         "probe_round_trip": trip,
@@ -146,7 +144,7 @@ def diagnose(
             model, scheduler_config, vae, request, source,
             guidance_scale=scale, num_inference_steps=steps, seed=seed, sampler=sampler,
         )  # fmt: skip
-        embeddings = embed(uni, images)
+        embeddings = embed(uni, images, BATCH)
         similarity = (torch.nn.functional.normalize(embeddings, dim=1) * reference_embeddings).sum(1)
         result["runs"].append(
             {
@@ -159,7 +157,7 @@ def diagnose(
             }
         )
     null_images = generate(model, scheduler_config, vae, Request(labels, None), source, guidance_scale=1.0, seed=seed)
-    result["fd_encoder_unconditional"] = metrics.frechet_distance(real, embed(uni, null_images))
+    result["fd_encoder_unconditional"] = metrics.frechet_distance(real, embed(uni, null_images, BATCH))
     result.update(condition_strength(model, scheduler_config, vae.config, source, rows, seed))
     best = max(result["runs"], key=lambda run: run["class_fidelity"])
     result["best"] = best
