@@ -2,10 +2,12 @@
 
     accelerate launch evaluate_synthetic.py --real_dir NCT-CRC-HE-100K --real_test_dir CRC-VAL-HE-7K \
         --synthetic_dir synthetic --output_dir evaluation --inception_weights fid_inception.pt \
-        --timm_encoder ARCHITECTURE --timm_encoder_weights encoder.safetensors --lpips_backbone alexnet.pth
+        --timm_encoder ARCHITECTURE --timm_encoder_weights encoder.safetensors --lpips_backbone alexnet.pth \
+        --vae_name_or_path stabilityai/stable-diffusion-3.5-large
     python evaluate_synthetic.py --preset tiny      # offline smoke test on random tiny models, under a minute on a CPU
 
 Writes OUTPUT/metrics.json (everything, with warnings and caveats), OUTPUT/per_class_metrics.csv, OUTPUT/plots/,
+OUTPUT/vae_floor/ (with --vae_name_or_path: real held-out tiles through the VAE alone, scored like the synthetic set),
 OUTPUT/report.html (the same as one page to look at: tiles side by side, verdicts, numbers with intervals) and
 OUTPUT/logs/ (the headline numbers with the run's settings for TensorBoard's hparams view).
 Features are cached per file content under OUTPUT/feature_cache (or --feature_cache_dir) and reused by later runs.
@@ -63,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train_data_dir",
         default=None,
         help="The generator's training tiles, for the memorisation check (nearest-training-tile distances).",
+    )
+    group.add_argument(
+        "--vae_name_or_path",
+        default=None,
+        help="The generator's VAE (folder or hub id holding vae/): real held-out tiles are encoded and decoded by it "
+        "alone and measured like the synthetic set, the VAE floor a perfect generator would reach. Off without it.",
     )
     group = parser.add_argument_group("metrics")
     group.add_argument("--kid_subsets", type=int, default=100, help="KID subsets, for matched sets over 1000 tiles.")
@@ -194,6 +202,18 @@ def main(args: argparse.Namespace) -> None:
         logger.warning(reason)
     synthetic_rows = rows["synthetic"]
     jitter = pipeline.jittered_features(accelerator, extractors, skipped, tiles, synthetic_rows, digests, **extract)
+    floor = pipeline.vae_floor_features(
+        accelerator,
+        args.vae_name_or_path,
+        extractors,
+        skipped,
+        tiles,
+        rows,
+        classes,
+        output_dir,
+        seed=args.seed,
+        **extract,
+    )
     space = pipeline.memorisation_extractor(extractors, skipped) if training else None
     training_features = pipeline.training_features(accelerator, space, training, **extract) if space else None
     if not accelerator.is_main_process:
@@ -230,6 +250,9 @@ def main(args: argparse.Namespace) -> None:
         output_dir / "plots" / "memorisation_pairs.png",
         confidence=args.confidence,
     )
+    vae_floor, floor_notes = pipeline.vae_floor_report(
+        args.vae_name_or_path, floor, features, tiles, classes, metric_settings(args)[0], device=accelerator.device
+    )
     lpips_section, lpips_notes = pipeline.lpips_report(
         args.lpips_backbone,
         args.lpips_net,
@@ -241,7 +264,8 @@ def main(args: argparse.Namespace) -> None:
         metric_settings(args)[2],
         device=accelerator.device,
     )
-    notes += pipeline.GENERAL_NOTES + lpips_notes + ([memorisation["skipped"]] if "skipped" in memorisation else [])
+    notes += pipeline.GENERAL_NOTES + floor_notes + lpips_notes
+    notes += [memorisation["skipped"]] if "skipped" in memorisation else []
     provenance = pipeline.synthetic_provenance(args.synthetic_dir)
     notes += pipeline.provenance_notes(provenance, random_encoders=args.preset == "tiny")
     report = {
@@ -252,6 +276,7 @@ def main(args: argparse.Namespace) -> None:
         "extractors": extractor_results,
         "skipped_extractors": skipped,
         "memorisation": memorisation,
+        "vae_floor": vae_floor,
         "lpips": lpips_section,
         "warnings": warnings + found + memorisation_warnings,
         "notes": notes,

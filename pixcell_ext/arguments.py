@@ -191,6 +191,12 @@ def check_evaluation(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
     if any(k < 1 for k in values["low_data_ks"]):
         raise ArgumentError(f"--low_data_ks {values['low_data_ks']} is not usable: every value must be at least 1.")
     check_output_folder("output_dir", values["output_dir"])
+    vae = values.get("vae_name_or_path")
+    if vae is not None and Path(vae).exists() and not (Path(vae) / "vae" / "config.json").is_file():
+        raise ArgumentError(
+            f"--vae_name_or_path '{vae}' holds no vae/config.json: give the folder that holds vae/ (the one given to "
+            "generate_synthetic.py), or the hub id."
+        )
     for flag in ("inception_weights", "timm_encoder_weights", "lpips_backbone", "baseline_metrics"):
         path = values[flag]
         if path is not None and not Path(path).is_file():

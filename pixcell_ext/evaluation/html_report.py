@@ -21,6 +21,7 @@ from PIL import Image
 from pixcell_ext.data import ImageFolderIndex, load_tile, scan_image_folder
 from pixcell_ext.evaluation.pipeline import synthetic_provenance
 from pixcell_ext.evaluation.report import DISTRIBUTION_METRICS, LICENCE_CAVEAT, LPIPS_KEYS, OVERALL, PROBES
+from pixcell_ext.evaluation.vae_floor import FLOOR_FOLDER
 from pixcell_ext.evaluation.verdicts import fmt, low_data_gain, verdicts
 from pixcell_ext.files import write_text_atomically
 from pixcell_ext.generation.manifest import read_references
@@ -149,9 +150,18 @@ def _class_paths(index: ImageFolderIndex | None, name: str) -> list[Path]:
     return [r.path for r in index.records if r.label == label]
 
 
+def distribution_rows(distribution: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        group: {"n": values.get("n"), **{m: fmt(values.get(m)) for m in DISTRIBUTION_METRICS}}
+        for group, values in distribution.items()
+    }
+
+
 def feature_spaces(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per feature space: the overall and per-class distribution rows, the probes and the low-data points."""
+    """Per feature space: the overall and per-class distribution rows (and the VAE floor's), the probes and the
+    low-data points."""
     spaces = []
+    floors = (metrics.get("vae_floor") or {}).get("extractors") or {}
     for name, entry in (metrics.get("extractors") or {}).items():
         distribution = entry.get("distribution") or {}
         probe = entry.get("probe") or {}
@@ -161,10 +171,8 @@ def feature_spaces(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                 "name": name,
                 "description": entry.get("description", ""),
                 "random_weights": bool(entry.get("random_weights")),
-                "distribution": {
-                    group: {"n": values.get("n"), **{m: fmt(values.get(m)) for m in DISTRIBUTION_METRICS}}
-                    for group, values in distribution.items()
-                },
+                "distribution": distribution_rows(distribution),
+                "floor": distribution_rows(floors.get(name) or {}),
                 "probe": [
                     {
                         "name": side,
@@ -222,6 +230,7 @@ KNOWN_FIELDS = {
     "extractors",
     "skipped_extractors",
     "memorisation",
+    "vae_floor",
     "lpips",
     "warnings",
     "notes",
@@ -237,6 +246,9 @@ def report_context(
     config = metrics.get("config") or {}
     classes = list(metrics.get("classes") or [])
     tiles, tile_notes = class_tiles(classes, config.get("real_dir"), config.get("synthetic_dir"), count, size)
+    floor_index = _index(str(output_dir / FLOOR_FOLDER), classes) if metrics.get("vae_floor") else None
+    for name in classes:
+        tiles[name]["round_trips"] = [thumbnail(p, size) for p in _class_paths(floor_index, name)[:count]]
     memorisation = metrics.get("memorisation") or {}
     lpips = metrics.get("lpips") or {}
     plots = embedded_plots(output_dir)
@@ -251,6 +263,7 @@ def report_context(
         "tiles": tiles,
         "counts": metrics.get("counts") or {},
         "spaces": feature_spaces(metrics),
+        "floor_note": (metrics.get("vae_floor") or {}).get("note"),
         "skipped": dict(metrics.get("skipped_extractors") or {}),
         "metrics": DISTRIBUTION_METRICS,
         "guide": METRIC_GUIDE,

@@ -8,6 +8,7 @@ together for `evaluate_synthetic.py`:
 - `distribution`: FD, KID, precision/recall, density/coverage at matched sizes with intervals;
 - `downstream`: TSTR/TRTR at equal counts, the colour-jittered TSTR and the low-data curve;
 - `memorisation`: nearest-training-tile distances; `lpips_scores`: LPIPS with its real baselines;
+- `vae_floor`: real held-out tiles through the VAE alone, the score a perfect generator would get;
 - `manifest`: which reference each synthetic tile came from; `report`, `plots`: what is written.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,16 @@ from pixcell_ext.evaluation.memorisation import memorisation_check, write_closes
 from pixcell_ext.evaluation.plots import write_plots
 from pixcell_ext.evaluation.report import summary_lines, write_dataset_card, write_report
 from pixcell_ext.evaluation.splits import arrange_tiles, select_probe_rows, split_per_class, subsample_per_class
+from pixcell_ext.evaluation.vae_floor import (
+    FLOOR_FOLDER,
+    floor_rows,
+    floor_section,
+    round_trip_paths,
+    tile_resolution,
+    write_round_trips,
+)
 from pixcell_ext.generation.manifest import GENERATION_CONFIG_FILE, References, read_references
+from pixcell_ext.model import networks
 from pixcell_ext.training.feature_cache import hash_files
 
 __all__ = [
@@ -81,6 +92,8 @@ __all__ = [
     "synthetic_provenance",
     "timm_extractor",
     "uni_extractor",
+    "vae_floor_features",
+    "vae_floor_report",
     "write_dataset_card",
     "write_plots",
     "write_report",
@@ -89,6 +102,10 @@ __all__ = [
 MEMORISATION_SPACES = ("timm:", "inception", "uni")  # preference order: independent encoders first
 NO_TRAINING_NOTE = "Memorisation check skipped: pass --train_data_dir (the generator's training tiles) to run it."
 NO_SPACE_NOTE = "Memorisation check skipped: no feature space with distances (timm, Inception or UNI2-h) loaded."
+NO_FLOOR_TILES_NOTE = (
+    "VAE floor skipped: the real probe test set holds no tile of a generated class to round-trip through the VAE "
+    "(pass a --real_test_dir with those classes)."
+)
 NO_HELD_OUT_NOTE = (
     "Memorisation check skipped: fewer than two real probe test tiles are outside --train_data_dir (or none of a "
     "generated class), so there is no held-out scale to compare with "
@@ -322,6 +339,87 @@ def memorisation_report(
         labels=([tiles.labels[i] for i in synthetic], [tiles.labels[i] for i in held_out]),
         confidence=confidence,
     )
+
+
+@dataclass
+class FloorTiles:
+    """The VAE floor's tiles: round trips of real held-out tiles, and the real rows they are compared with."""
+
+    trips: TileSet
+    reference_rows: list[int]
+    resolution: int
+    features: dict[str, np.ndarray]
+
+
+def vae_floor_features(
+    accelerator: Accelerator,
+    vae_name_or_path: str | None,
+    extractors: Sequence[FeatureExtractor],
+    skipped: dict[str, str],
+    tiles: TileSet,
+    rows: dict[str, list[int]],
+    classes: Sequence[str],
+    output_dir: Path,
+    *,
+    seed: int,
+    **extract: Any,
+) -> FloorTiles | None:
+    """Round trips written by the main process, then their features in every distribution space (all processes
+    extract; the features are on the main process). None without a VAE or when nothing is held out to round-trip."""
+    if vae_name_or_path is None:
+        return None
+    picked, reference = floor_rows(tiles, rows, classes, seed)
+    if not picked:
+        return None
+    folder = Path(output_dir) / FLOOR_FOLDER
+    resolution = tile_resolution(tiles.paths[rows["synthetic"][0]])
+    vae = networks.load_vae(vae_name_or_path).to(accelerator.device)  # on every process: a failure stops all alike
+    if accelerator.is_main_process:
+        write_round_trips(
+            vae,
+            tiles.subset(picked),
+            folder,
+            resolution,
+            batch_size=extract["batch_size"],
+        )
+    accelerator.wait_for_everyone()
+    trips = round_trip_paths(tiles.subset(picked), folder)
+    spaces = [e for e in extractors if e.name not in skipped and e.distribution_metrics]
+    features, _ = extract_features(accelerator, spaces, trips.paths, hash_files(accelerator, trips.paths), **extract)
+    return FloorTiles(trips, reference, resolution, features)
+
+
+def vae_floor_report(
+    vae_name_or_path: str | None,
+    floor: FloorTiles | None,
+    features: dict[str, np.ndarray],
+    tiles: TileSet,
+    classes: Sequence[str],
+    settings: DistributionSettings,
+    *,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The ``vae_floor`` section (None without a VAE) and its notes: per space, the round trips against the real
+    tiles, with the synthetic set's estimators and settings."""
+    if vae_name_or_path is None:
+        return None, []
+    if floor is None:
+        return None, [NO_FLOOR_TILES_NOTE]
+    reference = floor.reference_rows
+    distributions = {
+        name: per_class_matched_metrics(
+            features[name][reference],
+            [tiles.labels[i] for i in reference],
+            matrix,
+            floor.trips.labels,
+            classes,
+            settings,
+            device=device,
+        )[0]
+        for name, matrix in floor.features.items()
+    }
+    counts = floor.trips.counts(classes)
+    return floor_section(vae_name_or_path, floor.resolution, counts, distributions), []
 
 
 def evaluate_feature_spaces(

@@ -81,6 +81,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         probe = entry.get("probe") or {}
         cells += [f"{side} {_interval(scores['balanced_accuracy_ci'])}" for side, scores in probe.items()]
         lines.append(f"{name}: " + "; ".join(cells))
+        floor = ((report.get("vae_floor") or {}).get("extractors") or {}).get(name, {}).get(OVERALL)
+        if floor:
+            lines.append(f"{name} VAE floor: " + "; ".join(f"{m} {_interval(floor[m])}" for m in DISTRIBUTION_METRICS))
         if entry.get("low_data"):
             lines.append(f"{name} low data: {low_data_text(entry['low_data'])}")
     memorisation = report.get("memorisation") or {}

@@ -43,4 +43,3 @@ def ensure_gradient_checkpointing_layer() -> type:
         _GradientCheckpointingLayerShim.__name__ = "GradientCheckpointingLayer"
         module.GradientCheckpointingLayer = _GradientCheckpointingLayerShim
     return module.GradientCheckpointingLayer
-

@@ -350,6 +350,12 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(raw.to(vae.dtype)).sample.float().clamp(-1, 1)
 
 
+def decode_posterior_mean(vae: AutoencoderKL, mean: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] from a raw posterior mean, through PixCell's latent space as generated latents are: a round
+    trip (encode, posterior mean, decode) differs from a generated tile only in where its latents came from."""
+    return decode_latents(vae, (mean.float() - vae.config.shift_factor) * vae.config.scaling_factor)
+
+
 @dataclass
 class PixCellStack:
     """The frozen models of one run. `uni` and `vae` may be None when features come from a cache."""
@@ -414,6 +420,8 @@ def load_remote_pipeline(pretrained_model_name_or_path: str, vae: AutoencoderKL,
     ensure_gradient_checkpointing_layer()
 
     return DiffusionPipeline.from_pretrained(
-        pretrained_model_name_or_path, vae=vae, custom_pipeline="StonyBrook-CVLab/PixCell-pipeline",
+        pretrained_model_name_or_path,
+        vae=vae,
+        custom_pipeline="StonyBrook-CVLab/PixCell-pipeline",
         trust_remote_code=True,
     )

@@ -322,10 +322,7 @@ def vae_round_trip(vae, features: TileFeatures, rows: torch.Tensor) -> torch.Ten
     Scored like a generator's samples, they show the part of a gap to real tiles that is the autoencoder's, which no
     adapter or LoRA can close: a generator that matched the real latents exactly would score about this. (Not a
     strict bound per metric: a generator's decodings need not look like round trips.)"""
-    latents = networks.posterior_latents(
-        vae.config, features.latent_mean[rows], features.latent_std[rows], torch.zeros_like(features.latent_std[rows])
-    )
-    return to_uint8_images(networks.decode_latents(vae, latents)).permute(0, 3, 1, 2)
+    return to_uint8_images(networks.decode_posterior_mean(vae, features.latent_mean[rows])).permute(0, 3, 1, 2)
 
 
 def class_fidelity(judge: JudgeScores, images: torch.Tensor, class_ids: torch.Tensor, class_names: list[str]) -> float:

@@ -72,6 +72,7 @@ def tiny_evaluation(stack: TinyStack) -> dict[str, Any]:
         "synthetic_dir": str(write_standin_synthetic(stack.data, root / "nct-tiny-standin-synthetic")),
         "output_dir": "outputs/tiny-evaluation",
         "uni_model_name_or_path": str(stack.uni),
+        "vae_name_or_path": str(stack.vae),
         "timm_encoder": TINY_TIMM_ENCODER,
         "timm_encoder_weights": str(write_random_timm_encoder(TINY_TIMM_ENCODER, root / "timm-tiny-random")),
         "batch_size": 8,
@@ -138,6 +139,7 @@ def mini_evaluation(stack: MiniStack) -> dict:
         "timm_std": list(options["std"]),
         "real_dir": str(stack.target_heldout),
         "real_test_dir": str(stack.target_test),
+        "vae_name_or_path": str(stack.vae),  # the VAE floor: target-test tiles through the VAE alone
         "train_data_dir": str(stack.target_train),  # what the adaptation saw: the memorisation check's reference
         "synthetic_dir": "outputs/mini-synthetic",
         "output_dir": "outputs/mini-evaluation",

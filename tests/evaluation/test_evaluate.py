@@ -265,7 +265,22 @@ def test_tiny_preset_writes_json_csv_and_plots(tiny_stack, tmp_path, monkeypatch
             assert image.format == "PNG" and image.size[0] > 300
             image.verify()
 
-    assert len(list(out.glob("feature_cache/*/shard-*.safetensors"))) == 6  # uni, timm, colour histogram, jittered
+    # The VAE floor (the tiny stack's VAE is given by the preset): round trips of the 2 held-out tiles per class, at
+    # the synthetic tiles' size, compared with the 2 real tiles per class that are not held out, in every FD space.
+    floor = report["vae_floor"]
+    assert floor["counts"] == dict.fromkeys(report["classes"], 2) and set(floor["extractors"]) == {
+        "uni",
+        f"timm:{TIMM}",
+    }
+    assert floor["extractors"]["uni"]["overall"]["n"] == 18 and floor["vae"] == report["config"]["vae_name_or_path"]
+    trips = sorted((out / "vae_floor").rglob("*.png"))
+    synthetic = next(Path(report["config"]["synthetic_dir"]).rglob("*.png"))
+    with Image.open(trips[0]) as image, Image.open(synthetic) as generated:
+        assert len(trips) == 18 and image.size == generated.size == (floor["resolution"],) * 2
+    assert any(line.startswith("uni VAE floor: fd ") for line in pipeline.summary_lines(report))
+
+    # uni, timm, colour histogram, jittered, and the round trips in uni and timm
+    assert len(list(out.glob("feature_cache/*/shard-*.safetensors"))) == 8
 
 
 def test_tiny_preset_on_another_synthetic_set_does_not_call_it_a_standin_and_warns_once_without_manifest(
@@ -333,6 +348,10 @@ def test_clear_errors_for_bad_folders(real_dir, timm_weights, tmp_path):
     with pytest.raises(ArgumentError, match="--lpips_backbone 'nope.pth' is not a file"):
         evaluate_synthetic.parse_args(
             [*base, "--real_dir", ".", "--synthetic_dir", ".", "--lpips_backbone", "nope.pth"]
+        )
+    with pytest.raises(ArgumentError, match=r"--vae_name_or_path '.*syn' holds no vae/config.json"):
+        evaluate_synthetic.parse_args(
+            [*base, "--real_dir", ".", "--synthetic_dir", ".", "--vae_name_or_path", str(synthetic)]
         )
 
 

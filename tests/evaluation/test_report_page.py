@@ -130,6 +130,9 @@ def test_report_of_a_real_run_shows_each_class_metric_and_skipped_part(tiny_eval
     assert "STAND-IN" in text and "UNI2-h's terms" in text and "Not known" in text
     shown = min(8, metrics["counts"]["synthetic"]["ADI"]) * len(metrics["classes"])
     assert text.count('alt="generated ') == text.count('alt="reference ') == shown  # with the manifest's references
+    assert text.count('alt="VAE round trip ') == sum(metrics["vae_floor"]["counts"].values())  # 2 per class
+    floor_rows = len(metrics["vae_floor"]["extractors"]) * (len(metrics["classes"]) + 1)  # per class and overall
+    assert text.count(": VAE floor</td>") == floor_rows and metrics["vae_floor"]["note"] in text
     assert "http://" not in text and "https://" not in text and "<script" not in text  # self-contained, no script
 
 
@@ -148,7 +151,7 @@ def test_each_missing_part_is_a_visible_note_not_a_broken_page(tiny_evaluation, 
         del bare[name]
     bare["extractors"]["uni"]["probe"] = bare["extractors"]["uni"]["low_data"] = None
     del bare["extractors"]["uni"]["distribution"]["TUM"]
-    bare["vae_floor"] = {"uni": estimate(1.0, 0.5, 1.5)}  # a field this page does not know
+    bare["fls_score"] = {"uni": estimate(1.0, 0.5, 1.5)}  # a field this page does not know
     out = tmp_path / "out"
     out.mkdir()  # no plots
     text = page_text(bare, out)
@@ -156,7 +159,7 @@ def test_each_missing_part_is_a_visible_note_not_a_broken_page(tiny_evaluation, 
     assert text.count("No reference tiles for this class") == 1
     assert "not measured for this class" in text
     assert "The memorisation section is missing" in text and "LPIPS was not computed." in text
-    assert "metrics.json also holds vae_floor" in text
+    assert "metrics.json also holds fls_score" in text
 
     (synthetic / MANIFEST_FILE).unlink()
     bare["config"]["real_dir"] = str(tmp_path / "gone")
@@ -234,7 +237,8 @@ def test_report_opens_in_chromium_without_errors_or_broken_images(tiny_evaluatio
     seen = open_in_chromium(tiny_evaluation / REPORT_FILE, screenshot, tmp_path / "profile")
     assert seen["errors"] == []
     tiles = 3 * min(8, metrics["counts"]["synthetic"]["ADI"]) * len(metrics["classes"])  # real, generated, reference
-    assert len(seen["images"]) == tiles + len(metrics["plots"])
+    round_trips = sum(metrics["vae_floor"]["counts"].values())
+    assert len(seen["images"]) == tiles + round_trips + len(metrics["plots"])
     assert [alt for alt, loaded in seen["images"] if not loaded] == []
     assert seen["classes"] == [f"class-{name}" for name in metrics["classes"]]
     for name in METRIC_NAMES:
