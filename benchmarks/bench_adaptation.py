@@ -28,6 +28,7 @@ on real tissue.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -92,6 +93,19 @@ class Study:
         self.trained: dict[str, me.Adapted] = {}
         self.train_seconds: dict[str, float] = {}
 
+    @functools.cached_property
+    def references(self) -> dict[str, dict[str, float]]:
+        """The rows every adaptation table starts with, at the same n and class mix as its generated sets:
+        independent real TARGET tiles (the test set: a perfect generator's value at this n) and the same tiles
+        through the VAE alone (the VAE floor: the part of a gap no adapter or LoRA can close)."""
+        real = me.reference_request(self.test, self.args.images_per_class, self.args.seed)
+        return {
+            "real (independent)": self.scores("real", self.test.pixels[real.references], real.class_ids),
+            "VAE floor": self.scores(
+                "vae-floor", me.vae_round_trip(self.vae, self.test, real.references), real.class_ids
+            ),
+        }
+
     def model(self, variant: me.Variant) -> me.Adapted:
         if variant.name not in self.trained:
             started = time.perf_counter()
@@ -132,14 +146,9 @@ LORA = me.Variant("LoRA only", adapter=False)
 
 
 def core(study: Study, results: dict) -> None:
-    """The four variants, and two references at the same n and class mix: independent real TARGET tiles (test set),
-    and the same tiles through the VAE alone."""
-    real = me.reference_request(study.test, study.args.images_per_class, study.args.seed)
+    """The base model and the three adapted variants, below the reference rows."""
     rows = {
-        "real (independent)": study.scores("real", study.test.pixels[real.references], real.class_ids),
-        "VAE floor": study.scores(
-            "vae-floor", me.vae_round_trip(study.vae, study.test, real.references), real.class_ids
-        ),
+        **study.references,
         "base": study.scores("base", study.sample(me.base_model(study.stack.pixcell)), study.request.class_ids),
     }
     for variant in (ADAPTER, LORA, BOTH):
@@ -161,6 +170,7 @@ def class_aware(study: Study, results: dict) -> None:
     plain = study.model(BOTH)
     with_loss = study.model(me.Variant("class loss 0.1", class_loss_weight=0.1))
     rows = {
+        **study.references,
         "class-only, --class_conditioning": study.scores("class-only", study.sample(conditioned.model, class_only),
                                                          class_only.class_ids),
         "class-only, without (unconditional)": study.scores("unconditional", study.sample(plain.model, class_only),
@@ -192,7 +202,7 @@ def placement(study: Study, results: dict) -> None:
         replace(LORA, name="LoRA all blocks, self-attn", lora_targets=me.SELF_ATTENTION, lora_rank=rank),
         replace(LORA, name="LoRA all blocks, cross-attn", lora_targets=me.CROSS_ATTENTION, lora_rank=rank * 2),
     ]  # fmt: skip
-    rows = {}
+    rows = dict(study.references)
     for variant in variants:
         adapted = study.model(variant)
         rows[variant.name] = study.scores(variant.name, study.sample(adapted.model), study.request.class_ids)
@@ -204,8 +214,13 @@ def placement(study: Study, results: dict) -> None:
 def guidance(study: Study, results: dict) -> None:
     adapted = study.model(BOTH)
     results["guidance"] = {
-        str(g): study.scores(f"guidance-{g}", study.sample(adapted.model, guidance_scale=g), study.request.class_ids)
-        for g in (1.0, 2.0, 3.0, 5.0)
+        **study.references,
+        **{
+            str(g): study.scores(
+                f"guidance-{g}", study.sample(adapted.model, guidance_scale=g), study.request.class_ids
+            )
+            for g in (1.0, 2.0, 3.0, 5.0)
+        },
     }
 
 
