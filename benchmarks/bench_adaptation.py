@@ -16,7 +16,9 @@ Then, at one fixed training budget (in-process, cached features, the package's l
 - guidance scale 1, 2, 3, 5;
 - TSTR vs TRTR (balanced accuracy of a linear probe in the encoder's space) at matched training-set sizes;
 - low data (`low_data`): a probe on k = 1, 5, 20 real tiles per class, with and without the adapted model's tiles,
-  and the paired gain with its interval.
+  and the paired gain with its interval;
+- adaptation length (`length`): adapter + LoRA trained for 1000 and 3000 updates, with FD, class fidelity,
+  TSTR/TRTR and the low-data gains of each.
 
     python benchmarks/bench_adaptation.py --json outputs/bench-adaptation.json
     python benchmarks/bench_adaptation.py --sections core --steps 150    # the four adaptation variants only
@@ -50,7 +52,7 @@ from pixcell_ext.stacks import mini  # noqa: E402
 from pixcell_ext.stacks import mini_diagnosis as md  # noqa: E402
 from pixcell_ext.stacks import mini_eval as me  # noqa: E402
 
-SECTIONS = ("source", "core", "class", "tstr", "low_data", "guidance", "placement")
+SECTIONS = ("source", "core", "class", "tstr", "low_data", "guidance", "placement", "length")
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,6 +70,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="1: the lowest FD in the sweep.")
+    parser.add_argument(
+        "--length_steps", type=int, nargs="+", default=[1000, 3000], help="Adaptation lengths of `length`."
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples_dir", default="outputs/bench-adaptation", help="Contact sheets of the samples.")
     parser.add_argument("--seed", type=int, default=0)
@@ -106,11 +111,13 @@ class Study:
             ),
         }
 
-    def model(self, variant: me.Variant) -> me.Adapted:
+    def model(self, variant: me.Variant, steps: int | None = None) -> me.Adapted:
+        """The variant trained for the run's budget, or for `steps` updates (then named with them)."""
+        budget = self.budget if steps is None else replace(self.budget, steps=steps)
         if variant.name not in self.trained:
             started = time.perf_counter()
             self.trained[variant.name] = me.adapt(
-                self.stack.pixcell, self.scheduler_config, self.vae.config, self.train, variant, self.budget
+                self.stack.pixcell, self.scheduler_config, self.vae.config, self.train, variant, budget
             )
             self.train_seconds[variant.name] = time.perf_counter() - started
         return self.trained[variant.name]
@@ -253,9 +260,15 @@ def source(study: Study, results: dict) -> None:
 def low_data(study: Study, results: dict) -> None:
     """A probe on k real TARGET tiles per class, with and without the adapted model's synthetic set, in the
     encoder's space; tested on the independent TARGET test set."""
-    adapted = study.model(BOTH)
+    curve = low_data_curve_of(study, study.model(BOTH).model)
+    results["low_data"] = curve
+    for point in curve["points"]:
+        results[f"low_data_gain_k{point['k']}"] = point["gain"]["value"]
+
+
+def low_data_curve_of(study: Study, model) -> dict:
     request = me.reference_request(study.train, study.args.low_data_images_per_class, study.args.seed)
-    images = study.sample(adapted.model, request)
+    images = study.sample(model, request)
     synthetic = study.uni(images).flatten(1).float().numpy()
     real = study.train.embedding.flatten(1).numpy()
     test = study.test.embedding.flatten(1).numpy()
@@ -270,25 +283,41 @@ def low_data(study: Study, results: dict) -> None:
         "synthetic_all": range(offsets[1], offsets[2]),
         "real_test": range(offsets[2], offsets[3]),
     }
-    curve = low_data_curve(
-        features, labels, rows, ProbeSettings(low_data_ks=(1, 5, 20), draws=10, seed=study.args.seed)
-    )
-    results["low_data"] = curve
-    for point in curve["points"]:
-        results[f"low_data_gain_k{point['k']}"] = point["gain"]["value"]
+    return low_data_curve(features, labels, rows, ProbeSettings(low_data_ks=(1, 5, 20), draws=10, seed=study.args.seed))
 
 
 def tstr(study: Study, results: dict) -> None:
     """Probe on synthetic tiles vs on as many real TARGET tiles per class; both tested on an independent set."""
-    adapted = study.model(BOTH)
-    images = study.sample(adapted.model)
+    results["tstr"] = tstr_of(study, study.model(BOTH).model)
+    results["tstr_over_trtr"] = results["tstr"]["TSTR"] / results["tstr"]["TRTR"]
+
+
+def tstr_of(study: Study, model) -> dict:
+    images = study.sample(model)
     synthetic = (study.uni(images).flatten(1).float(), study.request.class_ids)
     real = (study.train.embedding[study.request.references].flatten(1), study.request.class_ids)
     test = (study.test.embedding.flatten(1), study.test.labels)
     probes = tstr_trtr(real, test, synthetic, seed=study.args.seed)
     tstr_value, trtr_value = probes["TSTR"]["balanced_accuracy"], probes["TRTR"]["balanced_accuracy"]
-    results["tstr"] = {"TSTR": tstr_value, "TRTR": trtr_value, "per_class_train": study.args.images_per_class}
-    results["tstr_over_trtr"] = tstr_value / trtr_value
+    return {"TSTR": tstr_value, "TRTR": trtr_value, "per_class_train": study.args.images_per_class}
+
+
+def length(study: Study, results: dict) -> None:
+    """Adapter + LoRA trained for each of `--length_steps` updates: does longer adaptation make more useful data?"""
+    rows = dict(study.references)
+    for steps in study.args.length_steps:
+        name = f"adapter+LoRA, {steps} updates"
+        adapted = study.model(replace(BOTH, name=name), steps=steps)
+        row = study.scores(name, study.sample(adapted.model), study.request.class_ids)
+        probes = tstr_of(study, adapted.model)
+        curve = low_data_curve_of(study, adapted.model)
+        row.update(
+            train_seconds=study.train_seconds[name],
+            tstr_over_trtr=probes["TSTR"] / probes["TRTR"],
+            **{f"low_data_gain_k{p['k']}": p["gain"] for p in curve["points"]},
+        )
+        rows[name] = row
+    results["length"] = rows
 
 
 COLUMNS = {"fd_judge": "FD judge", "kid_judge_x1000": "KIDx1e3", "precision_judge": "precision",
@@ -306,7 +335,7 @@ def print_table(title: str, rows: dict[str, dict]) -> None:
 
 
 SECTION_FUNCTIONS = {"source": source, "core": core, "class": class_aware, "placement": placement,
-                     "guidance": guidance, "tstr": tstr, "low_data": low_data}  # fmt: skip
+                     "guidance": guidance, "tstr": tstr, "low_data": low_data, "length": length}  # fmt: skip
 
 
 def main() -> None:
@@ -333,9 +362,15 @@ def main() -> None:
           f"{args.images_per_class} images per class, {args.num_inference_steps} DPM-Solver steps, "
           f"guidance {args.guidance_scale}; FD against {len(study.heldout.labels)} held-out TARGET tiles")  # fmt: skip
     for key, title in (("variants", "adaptation"), ("class_aware", "class-aware"), ("placement", "LoRA placement"),
-                       ("guidance", "guidance scale (adapter+LoRA)")):  # fmt: skip
+                       ("guidance", "guidance scale (adapter+LoRA)"), ("length", "adaptation length")):  # fmt: skip
         if key in results:
             print_table(title, results[key])
+    for name, row in results.get("length", {}).items():
+        if "tstr_over_trtr" not in row:
+            continue  # a reference row
+        gains = [(key[len("low_data_gain_") :], row[key]) for key in row if key.startswith("low_data_gain_")]
+        print(f"{name}: {row['train_seconds']:.0f} s of training, TSTR/TRTR {row['tstr_over_trtr']:.3f}, low-data gain "
+              + ", ".join(f"{k} {g['value']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]" for k, g in gains))  # fmt: skip
     if "tstr" in results:
         t = results["tstr"]
         print(f"\nTSTR {t['TSTR']:.3f}  TRTR {t['TRTR']:.3f}  ratio {results['tstr_over_trtr']:.3f} "
