@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 FLOOR_FOLDER = "vae_floor"  # under the evaluation's output folder, one sub-folder per class
 FLOOR_NOTE = (
     "VAE floor: real held-out tiles (the probe test tiles, as many per class as the synthetic set has) encoded and "
-    "decoded by the generator's VAE alone, then compared with the real tiles exactly as the synthetic set is. A "
+    "decoded by the generator's VAE alone, then compared with the real tiles (never with their own originals) by "
+    "the same estimators as the synthetic set. A "
     "generator that reproduced real latents exactly would score about this: the part of the synthetic set's gap "
     "down to the floor is the generator's, the floor itself is the autoencoder's."
 )
