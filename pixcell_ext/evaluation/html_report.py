@@ -151,8 +151,12 @@ def _class_paths(index: ImageFolderIndex | None, name: str) -> list[Path]:
 
 
 def distribution_rows(distribution: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Cells of ``value [low, high]`` that wrap, if the page is narrow, only between the value and its interval."""
     return {
-        group: {"n": values.get("n"), **{m: fmt(values.get(m)) for m in DISTRIBUTION_METRICS}}
+        group: {
+            "n": values.get("n"),
+            **{m: fmt(values.get(m)).replace(", ", ",\u00a0") for m in DISTRIBUTION_METRICS},
+        }
         for group, values in distribution.items()
     }
 
