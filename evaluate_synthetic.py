@@ -1,8 +1,8 @@
 """Measure a class-organised synthetic set against real tiles: FD, KID, precision/recall, LPIPS, TSTR vs TRTR.
 
-    accelerate launch evaluate_synthetic.py --real_dir NCT-CRC-HE-100K --real_test_dir CRC-VAL-HE-7K \
-        --synthetic_dir synthetic --output_dir evaluation --inception_weights fid_inception.pt \
-        --timm_encoder ARCHITECTURE --timm_encoder_weights encoder.safetensors --lpips_backbone alexnet.pth \
+    accelerate launch evaluate_synthetic.py --real_dir NCT-CRC-HE-100K --real_test_dir CRC-VAL-HE-7K \\
+        --synthetic_dir synthetic --output_dir evaluation --inception_weights fid_inception.pt \\
+        --timm_encoder ARCHITECTURE --timm_encoder_weights encoder.safetensors --lpips_backbone alexnet.pth \\
         --vae_name_or_path stabilityai/stable-diffusion-3.5-large
     python evaluate_synthetic.py --preset tiny      # offline smoke test on random tiny models, under a minute on a CPU
 
