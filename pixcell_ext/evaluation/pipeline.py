@@ -112,11 +112,20 @@ NO_HELD_OUT_NOTE = (
     "(pass a --real_test_dir the generator was not trained on)."
 )
 
+INTERVAL_NOTE = (
+    "What the intervals cover: for FD, KID, precision/recall and density/coverage, the expected value of the metric "
+    "at the matched n (FD's lies above the population FD, which no finite n estimates; compare FDs only at equal n), "
+    "from a delete-a-group jackknife over both sides (FD, KID) or half-samples (the k-NN metrics), with the variance "
+    "of the average over --matched_draws; for probe accuracies, the accuracy of the trained probe on new test tiles "
+    "(a bootstrap over test tiles); for low-data points and gains, the expected accuracy over which k real tiles are "
+    "drawn as well; for LPIPS, the mean over pairs (a bootstrap over pairs)."
+)
 GENERAL_NOTES = [
     "Distribution metrics compare equal numbers of real and synthetic tiles per class (the larger side subsampled, "
     "repeated draws averaged); 'overall' keeps those per-class counts, so class proportions match too.",
     "NCT-CRC-HE is separable by colour alone: a TSTR score means something only where it beats the colour_histogram "
     "probe.",
+    INTERVAL_NOTE,
 ]
 RANDOM_ENCODERS_NOTE = "Tiny preset: random tiny encoders, a smoke test of the pipeline: the numbers mean nothing."
 STANDIN_NOTE = (
