@@ -128,6 +128,7 @@ def test_report_of_a_real_run_shows_each_class_metric_and_skipped_part(tiny_eval
     assert "Feature space inception skipped: Inception skipped" in text.replace("<b>", "").replace("</b>", "")
     assert metrics["memorisation"]["skipped"] in text and metrics["lpips"]["skipped"] in text
     assert "STAND-IN" in text and "UNI2-h's terms" in text and "Not known" in text
+    assert "covers its expected value at that n" in text and "What the intervals cover: " in text  # issue 20
     shown = min(8, metrics["counts"]["synthetic"]["ADI"]) * len(metrics["classes"])
     assert text.count('alt="generated ') == text.count('alt="reference ') == shown  # with the manifest's references
     assert text.count('alt="VAE round trip ') == sum(metrics["vae_floor"]["counts"].values())  # 2 per class
