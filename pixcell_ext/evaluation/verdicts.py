@@ -48,13 +48,14 @@ def fmt(entry: dict[str, Any] | None, digits: int = 3, percent: bool = False) ->
     return f"{number(entry['value'])} [{number(entry['low'])}, {number(entry['high'])}]"
 
 
+def spaces_by_preference(names: list[str]) -> list[str]:
+    """The feature spaces a verdict may be read in, best first: independent encoders, then Inception, then UNI2-h;
+    the colour histogram never."""
+    return [name for prefix in SPACE_PREFERENCE for name in names if name.startswith(prefix)]
+
+
 def preferred_space(names: list[str]) -> str | None:
-    """The feature space a verdict is read in: an independent encoder first, the colour histogram never."""
-    for prefix in SPACE_PREFERENCE:
-        for name in names:
-            if name.startswith(prefix):
-                return name
-    return None
+    return next(iter(spaces_by_preference(names)), None)
 
 
 def difference_interval(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +138,7 @@ def memorisation_verdict(memorisation: dict[str, Any] | None) -> Verdict:
 
 
 LOW_DATA = "Useful for training with few real tiles?"
+PERFECT_ACCURACY = 0.999  # a real-only probe at least this accurate leaves no room for a gain
 
 
 def low_data_gain(point: dict[str, Any]) -> dict[str, Any]:
@@ -145,16 +147,24 @@ def low_data_gain(point: dict[str, Any]) -> dict[str, Any]:
 
 
 def low_data_verdict(extractors: dict[str, Any]) -> Verdict:
-    """The gain at the smallest k (where a user with few labels is) in the preferred space."""
-    space = preferred_space([n for n in extractors if (extractors[n].get("low_data") or {}).get("points")])
-    if space is None:
+    """The gain at the smallest k (where a user with few labels is) in the preferred space where a gain is possible:
+    a probe that is already perfect from the real tiles alone (e.g. in the space of a classifier trained on these
+    classes) can only stay or fall, so such a space says nothing and the next one is read."""
+    spaces = spaces_by_preference([n for n in extractors if (extractors[n].get("low_data") or {}).get("points")])
+    if not spaces:
         return Verdict(LOW_DATA, "Not known", "unknown", "No low-data curve in metrics.json (the probes did not run).")
-    point = min(extractors[space]["low_data"]["points"], key=lambda p: p["k"])
+    smallest = {name: min(extractors[name]["low_data"]["points"], key=lambda p: p["k"]) for name in spaces}
+    room = [name for name in spaces if smallest[name]["real"]["value"] < PERFECT_ACCURACY]
+    space = (room or spaces)[0]
+    point = smallest[space]
     gain = low_data_gain(point)
     detail = (
         f"With k = {point['k']} real tiles per class ({space} probe): balanced accuracy {fmt(point['real'])} alone, "
         f"{fmt(point['real_plus_synthetic'])} with the synthetic set; gain {fmt(gain)}."
     )
+    passed = spaces[: spaces.index(space)]
+    if passed:
+        detail += f" Not read in {', '.join(passed)}: its probe is perfect from the real tiles alone."
     answer = {
         "above": ("Yes: adding it raises accuracy", "good"),
         "below": ("No: adding it lowers accuracy", "bad"),

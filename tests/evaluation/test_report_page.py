@@ -86,6 +86,17 @@ def test_low_data_verdict_reads_the_gain_interval_at_the_smallest_k(real, plus, 
     assert "k = 10" in verdict.detail and "timm:judge" in verdict.detail
 
 
+def test_low_data_verdict_skips_a_space_whose_probe_is_already_perfect():
+    perfect = {"k": 1, "real": estimate(1.0, 1.0, 1.0), "real_plus_synthetic": estimate(0.99, 0.97, 1.0)}
+    helped = {"k": 1, "real": estimate(0.7, 0.65, 0.75), "real_plus_synthetic": estimate(0.8, 0.77, 0.83)}
+    helped["gain"] = estimate(0.1, 0.05, 0.15)
+    extractors = {"timm:judge": {"low_data": {"points": [perfect]}}, "uni": {"low_data": {"points": [helped]}}}
+    verdict = low_data_verdict(extractors)
+    assert verdict.tone == "good" and "(uni probe)" in verdict.detail and "Not read in timm:judge" in verdict.detail
+    extractors["uni"]["low_data"]["points"] = [perfect]  # nowhere to gain: read in the first space, as before
+    assert "(timm:judge probe)" in low_data_verdict(extractors).detail
+
+
 def test_low_data_verdict_prefers_a_gain_interval_of_its_own():
     point = {"k": 10, "real": estimate(0.5, 0.4, 0.6), "real_plus_synthetic": estimate(0.6, 0.5, 0.7)}
     assert low_data_verdict({"uni": {"low_data": {"points": [point]}}}).tone == "mixed"  # intervals overlap
