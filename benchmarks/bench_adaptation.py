@@ -112,7 +112,8 @@ class Study:
         }
 
     def model(self, variant: me.Variant, steps: int | None = None) -> me.Adapted:
-        """The variant trained for the run's budget, or for `steps` updates (then named with them)."""
+        """The variant trained for the run's budget, or for `steps` updates. Models are cached by variant name, so a
+        variant trained for another length needs a name of its own (as `length` gives it)."""
         budget = self.budget if steps is None else replace(self.budget, steps=steps)
         if variant.name not in self.trained:
             started = time.perf_counter()

@@ -49,22 +49,14 @@ def bootstrap_mean(
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return estimate(None, None, None, 0)
-    rng = np.random.default_rng(seed)
-    means = [values[rng.integers(0, values.size, values.size)].mean() for _ in range(replicates)]
+    means = bootstrap_values(lambda rows: values[rows].mean(), values.size, replicates=replicates, seed=seed)
     return estimate(values.mean(), *percentile_interval(means, confidence), values.size)
 
 
-def bootstrap_score(
-    score: Callable[[np.ndarray], float],
-    n: int,
-    *,
-    replicates: int,
-    seed: int,
-    confidence: float = CONFIDENCE,
-) -> tuple[float, float]:
-    """Interval of ``score(rows)`` over resamples (with replacement) of ``n`` rows."""
+def bootstrap_values(score: Callable[[np.ndarray], float], n: int, *, replicates: int, seed: int) -> list[float]:
+    """``score(rows)`` on ``replicates`` resamples (with replacement) of ``n`` rows, drawn from a seeded generator."""
     rng = np.random.default_rng(seed)
-    return percentile_interval([score(rng.integers(0, n, n)) for _ in range(replicates)], confidence)
+    return [score(rng.integers(0, n, n)) for _ in range(replicates)]
 
 
 def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
@@ -87,8 +79,8 @@ def balanced_accuracy_estimate(
     truth = np.asarray(truth)
     score = _mean_balanced_accuracy(truth, predictions)
     value = score(np.arange(truth.size))
-    interval = bootstrap_score(score, truth.size, replicates=replicates, seed=seed, confidence=confidence)
-    return estimate(value, *interval, truth.size)
+    resampled = bootstrap_values(score, truth.size, replicates=replicates, seed=seed)
+    return estimate(value, *percentile_interval(resampled, confidence), truth.size)
 
 
 def _mean_balanced_accuracy(truth: np.ndarray, predictions: Sequence[np.ndarray]) -> Callable[[np.ndarray], float]:
@@ -153,8 +145,7 @@ def _draw_averaged(
     seed: int,
     confidence: float,
 ) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    resampled = [score(rng.integers(0, n_test, n_test)) for _ in range(replicates)]
+    resampled = bootstrap_values(score, n_test, replicates=replicates, seed=seed)
     between = float(per_draw.var(ddof=1)) / per_draw.size if per_draw.size > 1 else 0.0
     se = (float(np.var(resampled, ddof=1)) + between) ** 0.5
     z = float(scipy.stats.norm.ppf(0.5 + confidence / 2))

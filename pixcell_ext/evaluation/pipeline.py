@@ -380,19 +380,13 @@ def vae_floor_features(
     picked, reference = floor_rows(tiles, rows, classes, seed)
     if not picked:
         return None
-    folder = Path(output_dir) / FLOOR_FOLDER
+    folder, originals = Path(output_dir) / FLOOR_FOLDER, tiles.subset(picked)
     resolution = tile_resolution(tiles.paths[rows["synthetic"][0]])
     vae = networks.load_vae(vae_name_or_path).to(accelerator.device)  # on every process: a failure stops all alike
     if accelerator.is_main_process:
-        write_round_trips(
-            vae,
-            tiles.subset(picked),
-            folder,
-            resolution,
-            batch_size=extract["batch_size"],
-        )
+        write_round_trips(vae, originals, folder, resolution, batch_size=extract["batch_size"])
     accelerator.wait_for_everyone()
-    trips = round_trip_paths(tiles.subset(picked), folder)
+    trips = round_trip_paths(originals, folder)
     spaces = [e for e in extractors if e.name not in skipped and e.distribution_metrics]
     features, _ = extract_features(accelerator, spaces, trips.paths, hash_files(accelerator, trips.paths), **extract)
     return FloorTiles(trips, reference, resolution, features)

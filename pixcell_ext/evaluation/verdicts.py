@@ -164,7 +164,7 @@ def low_data_verdict(extractors: dict[str, Any]) -> Verdict:
     )
     passed = spaces[: spaces.index(space)]
     if passed:
-        detail += f" Not read in {', '.join(passed)}: its probe is perfect from the real tiles alone."
+        detail += f" Not read in {', '.join(passed)}: a probe there is perfect from the real tiles alone."
     answer = {
         "above": ("Yes: adding it raises accuracy", "good"),
         "below": ("No: adding it lowers accuracy", "bad"),
