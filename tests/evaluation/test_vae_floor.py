@@ -67,3 +67,20 @@ def test_round_trips_are_the_vaes_reconstructions_at_the_requested_size(tmp_path
     # The files hold what the VAE reconstructs (the same PSNR as the build's own measurement, up to uint8 rounding),
     # not the originals (a copy would read infinite PSNR, a wrong latent path far below).
     assert 10 * np.log10(1 / error) == pytest.approx(reconstruction_psnr(vae, pixels), abs=0.1)
+
+
+def test_a_run_killed_while_writing_round_trips_leaves_the_previous_floor_whole(tmp_path):
+    vae = networks.load_vae(str(MINI_ASSETS / "sd35-vae-mini"))
+    pixels, _ = toy_arrays("target", "heldout", 1, MINI_RESOLUTION, seed=0)
+    earlier, later = tmp_path / "earlier.png", tmp_path / "later.png"
+    Image.fromarray(pixels[0].permute(1, 2, 0).numpy()).save(earlier)
+    Image.fromarray(pixels[1].permute(1, 2, 0).numpy()).save(later)
+    write_round_trips(vae, pipeline.TileSet([earlier], ["ADI"]), tmp_path / "floor", MINI_RESOLUTION, batch_size=1)
+    before = {p: p.read_bytes() for p in (tmp_path / "floor").rglob("*.png")}
+    assert len(before) == 1
+    tiles = pipeline.TileSet([later, tmp_path / "missing.png"], ["ADI", "ADI"])
+
+    with pytest.raises(OSError):  # the second tile fails after the first round trip was written
+        write_round_trips(vae, tiles, tmp_path / "floor", MINI_RESOLUTION, batch_size=1)
+
+    assert {p: p.read_bytes() for p in (tmp_path / "floor").rglob("*.png")} == before  # nothing half-replaced
