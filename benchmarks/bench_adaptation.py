@@ -227,7 +227,7 @@ def guidance(study: Study, results: dict) -> None:
             str(g): study.scores(
                 f"guidance-{g}", study.sample(adapted.model, guidance_scale=g), study.request.class_ids
             )
-            for g in (1.0, 2.0, 3.0, 5.0)
+            for g in (1.0, 1.5, 2.0, 3.0, 5.0)
         },
     }
 

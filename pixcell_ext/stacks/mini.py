@@ -15,8 +15,7 @@ from pathlib import Path
 
 MINI_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "mini"  # as pixcell_ext.stacks.mini_stack writes it
 PART_FOLDERS = {"vae": "sd35-vae-mini", "uni": "uni2h-mini", "judge": "judge", "transformer": "pixcell-256-mini"}
-MINI_RESOLUTION = 64  # VAE input; its latents are [16, 8, 8]
-MINI_LATENT_SIZE = MINI_RESOLUTION // 8  # the SD3.5-style VAE down-samples 8x
+MINI_RESOLUTION = 64  # VAE input; the committed VAE's latents are [16, 8, 8]
 MINI_DIR = "mini_assets"
 TRAIN_TILES_PER_CLASS = 40
 HELDOUT_TILES_PER_CLASS = 40

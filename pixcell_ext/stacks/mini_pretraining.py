@@ -34,7 +34,7 @@ from pixcell_ext.files import replace_folder
 from pixcell_ext.model import networks
 from pixcell_ext.model.networks import PixCellTransformer2DModel
 from pixcell_ext.seeding import derived_seed
-from pixcell_ext.stacks.mini import MINI_LATENT_SIZE, PART_FOLDERS
+from pixcell_ext.stacks.mini import MINI_RESOLUTION, PART_FOLDERS
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
@@ -62,6 +62,9 @@ class PretrainingConfig:
     # "fixed": PixCell's null, a random vector (randn / sqrt(C)) the optimiser never sees; "learned": trained from the
     # mean embedding.
     null_embedding: str = "learned"
+    # Multiplies the caption projection's output layer at initialisation: how loudly the condition token enters every
+    # block's cross-attention against the timestep-modulated residual stream when training starts.
+    caption_scale: float = 1.0
     vlb_weight: float = 1e-3
     ema_decay: float = 0.998
     seed: int = 0
@@ -213,7 +216,7 @@ def encode_folder(
 
 def mini_transformer(config: PretrainingConfig, caption_channels: int, latent_size: int) -> PixCellTransformer2DModel:
     width = config.num_attention_heads * config.attention_head_dim
-    return PixCellTransformer2DModel(
+    transformer = PixCellTransformer2DModel(
         num_attention_heads=config.num_attention_heads,
         attention_head_dim=config.attention_head_dim,
         in_channels=16,
@@ -225,6 +228,10 @@ def mini_transformer(config: PretrainingConfig, caption_channels: int, latent_si
         caption_channels=caption_channels,
         interpolation_scale=config.interpolation_scale,
     )
+    with torch.no_grad():
+        transformer.caption_projection.linear_2.weight.mul_(config.caption_scale)
+        transformer.caption_projection.linear_2.bias.mul_(config.caption_scale)
+    return transformer
 
 
 def null_embedding(config: PretrainingConfig, embedding: torch.Tensor) -> torch.Tensor:
@@ -347,8 +354,8 @@ def build_transformer(
     torch.manual_seed(seed)
     vae = networks.load_vae(str(vae_dir))
     uni = networks.load_uni(str(uni_dir))
-    latent_size = MINI_LATENT_SIZE
-    resolution = latent_size * networks.vae_scale_factor(vae)
+    resolution = MINI_RESOLUTION
+    latent_size = resolution // networks.vae_scale_factor(vae)
     started = time.perf_counter()
     features = encode_folder(source_data, vae, uni, resolution)
     encode_seconds = time.perf_counter() - started

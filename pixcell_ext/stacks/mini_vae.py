@@ -1,5 +1,8 @@
 """Build the mini stack's VAE: a diffusers `AutoencoderKL` in SD3.5's layout, small enough to train on two CPU cores.
 
+The committed VAE down-samples 8x, as SD3.5's does; `VAEConfig(block_out_channels=(16, 32, 64))` builds a 4x one
+(16x16 latents at 64 px), an ablation of the latent size (benchmarks/RESULTS.md, issue 23).
+
 It is trained on SOURCE and TARGET tiles (the real SD3.5 VAE was trained on broad data and must represent any lab's
 tiles, or adaptation to TARGET could not show). Its `shift_factor`/`scaling_factor` are the mean and 1 / std of its
 latents on the training tiles, as for SD3, so `(z - shift) * scale` is standardised. `python -m
@@ -48,8 +51,8 @@ def mini_vae(config: VAEConfig):
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        down_block_types=("DownEncoderBlock2D",) * len(config.block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(config.block_out_channels),
         block_out_channels=config.block_out_channels,
         layers_per_block=1,
         latent_channels=16,

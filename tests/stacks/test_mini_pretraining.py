@@ -13,10 +13,12 @@ from pixcell_ext.stacks.mini_pretraining import (
     PretrainingConfig,
     build_transformer,
     hybrid_loss,
+    mini_transformer,
     normal_kl,
     null_embedding,
     vlb_term,
 )
+from pixcell_ext.stacks.mini_vae import VAEConfig, mini_vae
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def test_hybrid_loss_trains_epsilon_by_mse_and_variance_by_vlb_only(diffusion):
 
 
 def test_build_writes_a_loadable_pixcell_folder(tiny_stack, tmp_path, one_thread):
-    """The real loaders read the build; the learned null embedding is in the released buffer."""
+    """The real loaders read the build; the null embedding is in the released buffer."""
     config = PretrainingConfig(num_layers=2, num_attention_heads=2, attention_head_dim=16, batch_size=8, num_steps=3)
     metrics = build_transformer(tmp_path, tiny_stack.vae, tiny_stack.uni, tiny_stack.data, seed=0, config=config)
     folder = tmp_path / PART_FOLDERS["transformer"]
@@ -150,3 +152,33 @@ def test_a_snapshot_is_the_shorter_build(tiny_stack, tmp_path, one_thread):
     assert all(torch.equal(snapshots[2][k], short[k]) for k in short)
     assert all(torch.equal(snapshots[4][k], long[k]) for k in long)
     assert any(not torch.equal(short[k], long[k]) for k in short)
+
+
+def test_caption_scale_only_scales_the_condition_token_at_initialisation():
+    """`caption_scale` (an ablation of how loudly the condition enters the blocks) multiplies what the caption
+    projection puts out, and nothing else: the rest of the initialisation is the same draw."""
+
+    def build(scale: float):
+        torch.manual_seed(0)
+        config = PretrainingConfig(num_layers=2, caption_scale=scale)
+        return mini_transformer(config, caption_channels=24, latent_size=8)
+
+    plain, loud = build(1.0), build(4.0)
+    condition = torch.randn(3, 1, 24)
+    torch.testing.assert_close(loud.caption_projection(condition), 4 * plain.caption_projection(condition))
+    others = {k: v for k, v in plain.state_dict().items() if not k.startswith("caption_projection.linear_2")}
+    assert all(torch.equal(v, loud.state_dict()[k]) for k, v in others.items())
+
+
+def test_build_reads_the_latent_size_off_the_vae(tiny_stack, tmp_path, one_thread):
+    """A 4x VAE (the latent-size ablation) gives 16x16 latents at the mini resolution; the build must size the
+    transformer from the VAE, not from SD3.5's factor of 8 (which would train on 32 px tiles)."""
+    vae = mini_vae(VAEConfig(block_out_channels=(8, 8, 8), norm_num_groups=4))
+    vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
+    vae.save_pretrained(tmp_path / "vae4x" / "vae")
+    config = PretrainingConfig(num_layers=1, num_attention_heads=2, attention_head_dim=16, batch_size=4, num_steps=1,
+                               patch_size=2)  # fmt: skip
+    build_transformer(tmp_path / "out", tmp_path / "vae4x", tiny_stack.uni, tiny_stack.data, seed=0, config=config)
+    transformer = networks.load_transformer(str(tmp_path / "out" / PART_FOLDERS["transformer"]))
+    assert networks.vae_scale_factor(vae) == 4
+    assert transformer.config.sample_size == 16
