@@ -50,7 +50,6 @@ VARIANTS = {
     "lr_1e-3": {"learning_rate": 1e-3},
     "caption_x4": {"caption_scale": 4.0},
     "caption_x16": {"caption_scale": 16.0},
-    "caption_x0.25": {"caption_scale": 0.25},
 }
 FEWER_TILES = "fewer_tiles"  # a third of the SOURCE tiles: the variety of the pretraining set
 
